@@ -1,0 +1,95 @@
+"""Exact and near-duplicate detection over `(key, text)` items given in key order.
+
+Both keep the first item of a group (so the one with the smallest key, when the caller sorts by key)
+and report every other member as a duplicate *of a kept item*, never of one that was itself removed.
+
+Normalization (used by exact dedup, near dedup, decontamination and diversity alike):
+casefold, delete punctuation and symbols (every character that is neither a word character nor space),
+collapse runs of whitespace into one space, strip the ends.
+
+    >>> normalize("  Hello,   World!! Don't  ")
+    'hello world dont'
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Iterator
+
+from datasketch import MinHash, MinHashLSH
+
+_NOT_WORD = re.compile(r"[^\w\s]")
+_SPACES = re.compile(r"\s+")
+_BATCH = 1024  # MinHash.bulk hashes this many texts per numpy call
+
+
+def normalize(text: str) -> str:
+    """The normalized form compared by exact dedup (see the module docstring)."""
+    return _SPACES.sub(" ", _NOT_WORD.sub("", text.casefold())).strip()
+
+
+def words(text: str) -> list[str]:
+    """Words of the normalized text: `words("A cat, a hat.") -> ['a', 'cat', 'a', 'hat']`."""
+    return normalize(text).split()
+
+
+def shingles(text: str, n: int) -> set[str]:
+    """Word n-gram shingles of the normalized text; a text shorter than n words is one shingle.
+
+    Word (not character) shingles: a near duplicate here is "the same wording with a few words changed",
+    which is what template-driven generators produce. `shingles("a b c d", 3) -> {'a b c', 'b c d'}`.
+    """
+    ws = words(text)
+    if len(ws) < n:
+        return {" ".join(ws)} if ws else set()
+    return {" ".join(ws[i:i + n]) for i in range(len(ws) - n + 1)}
+
+
+def exact_duplicates(items: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """{removed key: kept key} for items whose normalized texts are equal.
+
+    >>> exact_duplicates([("a", "Hi there!"), ("b", "hi   THERE"), ("c", "bye")])
+    {'b': 'a'}
+    """
+    first: dict[bytes, str] = {}  # digest of normalized text -> first key; digests keep memory flat
+    removed: dict[str, str] = {}
+    for key, text in items:
+        digest = hashlib.blake2b(normalize(text).encode(), digest_size=16).digest()
+        kept = first.setdefault(digest, key)
+        if kept != key:
+            removed[key] = kept
+    return removed
+
+
+def _batches(items: list[tuple[str, str]], size: int) -> Iterator[list[tuple[str, str]]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def near_duplicates(items: list[tuple[str, str]], *, threshold: float, num_perm: int, shingle: int,
+                    seed: int) -> dict[str, tuple[str, float]]:
+    """{removed key: (kept key, estimated Jaccard)} for items whose shingle sets have an estimated
+    Jaccard similarity >= threshold with an earlier kept item.
+
+    LSH only proposes candidates; each is confirmed with the MinHash Jaccard estimate, so the LSH's false
+    positives are not removed. Among confirmed candidates the most similar one (then smallest key) is named.
+    Texts with no words are skipped here (exact dedup groups them).
+    """
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    kept: dict[str, MinHash] = {}
+    removed: dict[str, tuple[str, float]] = {}
+    for batch in _batches(items, _BATCH):
+        sets = [shingles(text, shingle) for _, text in batch]
+        hashes = MinHash.bulk([[s.encode() for s in sh] for sh in sets], num_perm=num_perm, seed=seed)
+        for (key, _), sh, mh in zip(batch, sets, hashes):
+            if not sh:
+                continue
+            scored = [(mh.jaccard(kept[c]), c) for c in lsh.query(mh)]
+            best = min((s for s in scored if s[0] >= threshold), key=lambda s: (-s[0], s[1]), default=None)
+            if best is None:
+                lsh.insert(key, mh)
+                kept[key] = mh
+            else:
+                removed[key] = (best[1], round(best[0], 4))
+    return removed
+
