@@ -1,0 +1,205 @@
+"""`sdg`: the command line.
+
+    sdg model prepare|path [--model PATH]
+    sdg generate --prompts FILE.jsonl --out DIR [--schema FILE] [--backend vllm|transformers] [--model PATH] ...
+    sdg run CONFIG.yaml --out DIR [--new]
+    sdg export DIR --format jsonl|parquet --to PATH
+    sdg bench throughput|instantiate ...
+
+Bad input (config, schema, prompts file, model path) is one line on stderr starting with `error:` and exit
+status 2, before anything is written.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from engine.backends.base import GRAMMAR_BACKENDS, DEFAULT_GRAMMAR_BACKEND
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Exceptions that mean 'the input is wrong': shown as one line, exit 2."""
+    from engine.backends.base import BackendError
+    from engine.config import ConfigError
+    from engine.constraints import ConstraintError
+    from engine.methods import MethodError
+    from engine.models import ModelError
+    from engine.prompts_file import InputError
+    from engine.store import StoreError
+    from pydantic import ValidationError
+    return (BackendError, ConfigError, ConstraintError, MethodError, ModelError, InputError, StoreError,
+            ValidationError)
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="local Hugging Face folder or .gguf file (default: embedded SmolLM2)")
+    p.add_argument("--backend", default=None, choices=["vllm", "transformers"], help="generation backend (default vllm)")
+    p.add_argument("--grammar-backend", default=None, choices=GRAMMAR_BACKENDS,
+                   help=f"structured-output backend (default {DEFAULT_GRAMMAR_BACKEND})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdg", description="Offline synthetic-data engine")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show vLLM's own logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    model = sub.add_parser("model", help="prepare or locate the model")
+    model.add_argument("action", choices=["prepare", "path"])
+    model.add_argument("--model", default=None)
+
+    gen = sub.add_parser("generate", help="generate one output per line of a prompts file")
+    gen.add_argument("--prompts", required=True, type=Path)
+    gen.add_argument("--out", required=True, type=Path)
+    gen.add_argument("--schema", default=None, help="default JSON Schema (file) for lines without a constraint")
+    _add_engine_args(gen)
+    gen.add_argument("--max-tokens", type=int, default=256)
+    gen.add_argument("--temperature", type=float, default=0.7)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--new", action="store_true", help="start a separate run dir instead of resuming OUT")
+    gen.add_argument("--commit-rows", type=int, default=1000)
+    gen.add_argument("--commit-seconds", type=float, default=30.0)
+
+    run = sub.add_parser("run", help="run a method (TDG, TarGEN, GLAN) from a YAML config")
+    run.add_argument("config", type=Path)
+    run.add_argument("--out", required=True, type=Path)
+    run.add_argument("--new", action="store_true", help="start a separate run dir instead of resuming OUT")
+    run.add_argument("--stop-after", default=None, help="stop after this stage (e.g. GLAN's taxonomy, to edit it)")
+    run.add_argument("--replica", default=None, help="INDEX/COUNT: generate only this replica's share")
+    _add_engine_args(run)
+
+    export = sub.add_parser("export", help="export a run's dataset")
+    export.add_argument("run_dir", type=Path)
+    export.add_argument("--format", required=True, choices=["jsonl", "parquet"])
+    export.add_argument("--to", required=True, type=Path)
+
+    bench = sub.add_parser("bench", help="benchmarks (see bench/)")
+    bench.add_argument("what", choices=["throughput", "instantiate"])
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def cmd_model(args) -> int:
+    from engine import models
+    path = models.prepare(args.model)
+    print(path)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from engine import models
+    from engine.backends.base import load_backend
+    from engine.backends.vllm import unsupported_features
+    from engine.constraints import Constraint, ConstraintError
+    from engine.prompts_file import build_requests
+    from engine.request import Sampling
+    from engine.runner import run_stage
+    from engine.store import RunStore
+
+    backend_name = args.backend or "vllm"
+    grammar = args.grammar_backend or DEFAULT_GRAMMAR_BACKEND
+    sampling = Sampling(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p)
+    model_dir = models.prepare(args.model)
+    model_id = models.identity(model_dir)
+    default_schema = Constraint.json_schema(args.schema) if args.schema else None
+    requests = build_requests(args.prompts, model_name=model_id["fingerprint"], defaults=sampling, seed=args.seed,
+                              default_schema=default_schema)
+    if backend_name == "vllm":  # known-unsupported keywords fail here, before a 70 s engine start
+        for r in requests:
+            if r.constraint is not None and r.constraint.kind == "json":
+                bad = unsupported_features(r.constraint.spec, grammar)
+                if bad:
+                    raise ConstraintError(f"the {grammar} grammar backend cannot enforce {', '.join(bad)} "
+                                          f"(JSON Schema of line {requests.index(r) + 1})")
+    config = {"command": "generate", "prompts_sha256": _sha256(args.prompts), "schema": default_schema.spec
+              if default_schema else None, "backend": backend_name, "grammar_backend": grammar,
+              "model": model_id["fingerprint"], "sampling": sampling.model_dump(), "seed": args.seed}
+    RunStore.check(args.out, config, new=args.new)
+    backend = load_backend(backend_name, str(model_dir), grammar_backend=grammar)
+    backend.preflight(requests)
+    store = RunStore.open(args.out, config, new=args.new, commit_rows=args.commit_rows,
+                          commit_seconds=args.commit_seconds, identity=backend.identity())
+    for r in requests:
+        r.meta.update(model=model_id["name"], backend=backend_name, grammar_backend=grammar)
+    stats = run_stage(backend, store, "generate", requests)
+    manifest = store.finalize("generate", quality=None, text_fields=["output"])
+    store.close()
+    _summary(store.out, manifest, stats)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from engine.config import load_run_config, run_method
+    config = load_run_config(args.config)
+    for flag in ("model", "backend", "grammar_backend"):
+        if getattr(args, flag):
+            setattr(config, flag, getattr(args, flag))
+    replica = (0, 1)
+    if args.replica:
+        index, count = (int(x) for x in args.replica.split("/"))
+        replica = (index, count)
+    out, manifest, stats = run_method(config, args.out, new=args.new, stop_after=args.stop_after, replica=replica)
+    _summary(out, manifest, stats)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from engine.store import export
+    n = export(args.run_dir, args.format, args.to)
+    print(f"exported {n} rows to {args.to}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import runpy
+    script = Path(__file__).resolve().parent.parent / "bench" / f"{args.what}.py"
+    if not script.is_file():
+        raise SystemExit(f"error: benchmark script not found: {script}")
+    sys.argv = [str(script), *args.rest]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+
+
+def _summary(out: Path, manifest: dict | None, stats) -> None:
+    rows = (manifest or {}).get("dataset", {}).get("rows")
+    print(f"dataset: {out}/data  ({rows if rows is not None else '?'} rows; card {out}/README.md)")
+    if stats is not None and getattr(stats, "generated", 0):
+        print(f"generated {stats.generated} outputs, {stats.output_tokens} output tokens in {stats.seconds:.1f}s: "
+              f"{stats.output_tokens_per_s:,.0f} output tok/s")
+
+
+def _one_line(e: Exception) -> str:
+    from pydantic import ValidationError
+    if isinstance(e, ValidationError):  # e.g. Sampling(max_tokens=0): name the field and the rule
+        err = e.errors()[0]
+        return f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
+    return str(e)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if not args.verbose:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    handlers = {"model": cmd_model, "generate": cmd_generate, "run": cmd_run, "export": cmd_export,
+                "bench": cmd_bench}
+    try:
+        return handlers[args.command](args)
+    except _user_errors() as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: committed rows are kept; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
