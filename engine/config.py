@@ -100,7 +100,9 @@ def run_method(config: RunConfig, out: Path, *, new: bool = False, stop_after: s
 
     module = methods.load(config.method)
     params = method_config(config)
-    quality = QualityConfig.model_validate(config.quality) if config.quality is not None else None
+    # Methods publish deduplicated rows by default; `quality: {exact_dedup: false, ...}` turns filters off.
+    quality = QualityConfig.model_validate(config.quality or {})
+    quality.check_files()
     model_dir = models.prepare(config.model)
     model_id = models.identity(model_dir)
     payload = config.model_dump(mode="json")

@@ -128,10 +128,11 @@ def run_stage(backend: Backend, store, stage: str, requests: Iterable[Request], 
             store.maybe_commit()
             bar.update(stats.generated, stats.output_tokens)
     finally:
+        # Stats first: the commit then makes rows and their accounting durable together.
         stats.seconds = time.perf_counter() - started
-        store.commit()
         store.record(stage, generated=stats.generated, accepted=stats.accepted, rejected=stats.rejected,
                      prompt_tokens=stats.prompt_tokens, output_tokens=stats.output_tokens,
                      seconds=round(stats.seconds, 3))
+        store.commit()
     bar.update(stats.generated, stats.output_tokens, final=True)
     return stats

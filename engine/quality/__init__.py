@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 from engine.quality.decontam import QualityError, build_index, check_file
 from engine.quality.dedup import exact_duplicates, near_duplicates, normalize
@@ -87,7 +87,7 @@ class QualityConfig(BaseModel):
 
     @field_validator("num_perm", "shingle", "decontam_ngram", "distinct_sample")
     @classmethod
-    def _positive_ints(cls, v: int, info) -> int:
+    def _positive_ints(cls, v: int, info: ValidationInfo) -> int:
         return _positive(info.field_name, v)
 
     @field_validator("diversity_sample")

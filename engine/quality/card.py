@@ -50,7 +50,8 @@ def front_matter(manifest: dict) -> dict:
         "dataset_info": {
             "features": ds["features"],
             "splits": [{"name": "train", "num_bytes": ds["num_bytes"], "num_examples": ds["num_rows"]}],
-            "download_size": ds["num_bytes"],
+            "download_size": ds["download_size"],
+            "dataset_size": ds["num_bytes"],
         },
     }
 
@@ -72,7 +73,7 @@ def _stages(manifest: dict) -> str:
     stat_names = sorted({k for s in manifest["stages"].values() for k in s["stats"]})
     rows = [[name, s["rows"], s["rejects"]] + [s["stats"].get(k) for k in stat_names]
             for name, s in manifest["stages"].items()]
-    out = [_table(["stage", "rows", "rejects"] + stat_names, rows)]
+    out = [_table(["stage", "rows", "rejects"] + stat_names, rows), ""]
     for name, s in manifest["stages"].items():
         if s["rejects_by_reason"]:
             reasons = ", ".join(f"{r}: {n}" for r, n in s["rejects_by_reason"].items())

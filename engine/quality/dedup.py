@@ -16,8 +16,6 @@ import hashlib
 import re
 from collections.abc import Iterable, Iterator
 
-from datasketch import MinHash, MinHashLSH
-
 _NOT_WORD = re.compile(r"[^\w\s]")
 _SPACES = re.compile(r"\s+")
 _BATCH = 1024  # MinHash.bulk hashes this many texts per numpy call
@@ -75,6 +73,8 @@ def near_duplicates(items: list[tuple[str, str]], *, threshold: float, num_perm:
     positives are not removed. Among confirmed candidates the most similar one (then smallest key) is named.
     Texts with no words are skipped here (exact dedup groups them).
     """
+    from datasketch import MinHash, MinHashLSH  # here, not at the top: it costs ~0.5 s (scipy) per CLI start
+
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
     kept: dict[str, MinHash] = {}
     removed: dict[str, tuple[str, float]] = {}
