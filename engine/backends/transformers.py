@@ -34,7 +34,7 @@ class TransformersBackend(Backend):
         self.grammar_backend = grammar_backend
         self.torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
-        self.model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=torch.float32)
+        self.model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=torch.bfloat16)
         self.model.eval()
         self.outlines_model = outlines.from_transformers(self.model, self.tokenizer)
         self.versions = {"transformers": transformers.__version__, "outlines": _version("outlines")}

@@ -115,7 +115,7 @@ class CompiledTemplate:
     checked: CheckedTemplate
     source: str
     check: Callable          # (*numeric values) -> bool
-    finish: Callable         # (*numeric values, *words) -> (answer, problem, solution, code, steps)
+    finish: Callable         # (*numeric values, *words) -> (answer, problem, solution, code, steps, result)
     generate: Callable       # (key: bytes) -> (attempt, values tuple, finish output) | None
     var_names: tuple[str, ...]  # numeric names then word names: the order of `values`
 
@@ -124,7 +124,7 @@ class CompiledTemplate:
         Raises ArithmeticError/ValueError when the instance has no value (division by zero, ...)."""
         nums = [values[v.name] for v in self.checked.numeric]
         ok = self.check(*nums)
-        ans, problem, solution, code, steps = self.finish(*nums, *(values[w.name] for w in self.checked.words))
+        ans, problem, solution, code, steps, _ = self.finish(*nums, *(values[w.name] for w in self.checked.words))
         return ok, ans, steps, (problem, solution, code)
 
 
@@ -205,7 +205,7 @@ def compile_template(ct: CheckedTemplate, *, max_draws: int = MAX_DRAWS) -> Comp
     tail = f"_join(({answer_text}, _result, {dot}))"
     src += f"    _solution = _nljoin(({''.join(p + ', ' for p in solution_parts)}{tail},))\n"
     src += f"    _code = _join(({', '.join(code_items)},))\n"
-    src += f"    return (_ans, _problem, _solution, _code, ({''.join(f'v_{s.name}, ' for s in ct.steps)}))\n\n"
+    src += f"    return (_ans, _problem, _solution, _code, ({''.join(f'v_{s.name}, ' for s in ct.steps)}), _result)\n\n"
 
     draw = []
     for v in ct.numeric:

@@ -166,8 +166,8 @@ class _Checker:
             if not isinstance(f, ast.Name) or f.id not in FUNCTIONS:
                 what = f.id if isinstance(f, ast.Name) else type(f).__name__
                 self.fail("unsafe_expression", f"call to {what!r} not allowed; allowed: {', '.join(FUNCTIONS)}")
-            if node.keywords:
-                self.fail("unsafe_expression", "keyword arguments not allowed")
+            if node.keywords or any(isinstance(a, ast.Starred) for a in node.args):
+                self.fail("unsafe_expression", "keyword and starred arguments not allowed")
             lo, hi = FUNCTIONS[f.id]
             if not lo <= len(node.args) <= hi:
                 self.fail("type_error", f"{f.id}() takes {lo}..{hi} arguments, got {len(node.args)}")

@@ -1,0 +1,171 @@
+"""Run rendered `solution_code` in a separate, locked-down Python process; never in ours.
+
+    >>> run_solutions(["def solution():\\n    return 6 * 7\\n"])
+    [SandboxResult(ok=True, value=42, error=None)]
+
+Each call starts one child `python -I -S -c <our fixed runner>` (isolated mode: no site-packages, no user
+env vars) and sends it every code in the batch on stdin, so the start-up (~20 ms) is paid once per batch.
+The child:
+  * runs with an EMPTY environment, in a fresh empty temporary directory, in its own session;
+  * has resource limits set before the interpreter starts: RLIMIT_AS (memory), RLIMIT_CPU (seconds for the
+    whole batch), RLIMIT_NOFILE (no new descriptors beyond a few), RLIMIT_FSIZE = 0 (cannot write files),
+    RLIMIT_NPROC = 0 where the kernel honours it (no fork), RLIMIT_CORE = 0;
+  * on Linux tries `unshare(CLONE_NEWUSER | CLONE_NEWNET)` so it has no network at all; this is best effort
+    (containers often forbid it), the other limits do not depend on it;
+  * executes each code with a reduced set of builtins whose `__import__` admits only math and fractions
+    (defence in depth: the code is rendered from whitelisted expressions, not written by the model);
+  * stops each `solution()` after `timeout_s` with an interval timer, and reports one JSON line per code.
+If the child dies (CPU limit, a C-level loop, a crash) the code it was running gets `killed` and the rest of
+the batch is retried in a new child. The parent enforces a wall-clock timeout as well.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from fractions import Fraction
+
+_RUNNER = r'''
+import sys, json, signal, math, fractions
+try:
+    import ctypes
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _NET_ISOLATED = _libc.unshare(0x10000000 | 0x40000000) == 0   # CLONE_NEWUSER | CLONE_NEWNET
+except Exception:
+    _NET_ISOLATED = False
+payload = json.loads(sys.stdin.read())
+sys.stdin.close()
+timeout = float(payload["timeout"])
+_real_import = __import__
+def _import(name, globals=None, locals=None, fromlist=(), level=0):
+    if level != 0 or name.split(".")[0] not in ("math", "fractions"):
+        raise ImportError("import of %r is not allowed in the sandbox" % name)
+    return _real_import(name, globals, locals, fromlist, level)
+import builtins as _b
+_SAFE = {k: getattr(_b, k) for k in (
+    "abs", "min", "max", "round", "int", "float", "bool", "str", "range", "len", "sum", "divmod", "pow",
+    "isinstance", "list", "tuple", "dict", "set", "enumerate", "zip", "map", "filter", "sorted", "reversed",
+    "True", "False", "None", "ArithmeticError", "ZeroDivisionError", "ValueError", "TypeError", "Exception",
+    "OverflowError", "MemoryError", "print")}
+_SAFE["__import__"] = _import
+class _Timeout(BaseException):
+    pass
+def _alarm(signum, frame):
+    raise _Timeout()
+signal.signal(signal.SIGALRM, _alarm)
+out = sys.stdout
+for i, code in enumerate(payload["codes"]):
+    rec = {"i": i}
+    try:
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+        g = {"__builtins__": dict(_SAFE), "__name__": "solution"}
+        exec(compile(code, "<solution>", "exec"), g)
+        v = g["solution"]()
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        if isinstance(v, bool):
+            rec["error"] = "returned a bool"
+        elif isinstance(v, int):
+            rec["int"] = str(v)
+        elif isinstance(v, float):
+            rec["float"] = repr(v)
+        elif isinstance(v, fractions.Fraction):
+            rec["frac"] = "%d/%d" % (v.numerator, v.denominator)
+        else:
+            rec["error"] = "returned %s" % type(v).__name__
+    except _Timeout:
+        rec["error"] = "timeout"
+    except MemoryError:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        rec["error"] = "memory"
+    except BaseException as e:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        rec["error"] = "%s: %s" % (type(e).__name__, str(e)[:200])
+    out.write(json.dumps(rec) + "\n")
+    out.flush()
+'''
+
+
+@dataclass(frozen=True)
+class SandboxResult:
+    """One code's outcome: ok with an int/float/Fraction value, or an error ('timeout', 'memory', 'killed',
+    'ImportError: ...', ...)."""
+    ok: bool
+    value: int | float | Fraction | None = None
+    error: str | None = None
+
+
+def _limits(mem_bytes: int, cpu_s: int):
+    def apply():  # runs in the child between fork and exec
+        import resource
+        for res, val in ((resource.RLIMIT_AS, mem_bytes), (resource.RLIMIT_CPU, cpu_s),
+                         (resource.RLIMIT_FSIZE, 0), (resource.RLIMIT_NOFILE, 16), (resource.RLIMIT_CORE, 0),
+                         (getattr(resource, "RLIMIT_NPROC", None), 0)):
+            if res is None:
+                continue
+            try:
+                hard = val if res != resource.RLIMIT_CPU else val + 1  # soft CPU limit sends SIGXCPU first
+                resource.setrlimit(res, (val, hard))
+            except (ValueError, OSError):
+                pass
+    return apply
+
+
+def _decode(rec: dict) -> SandboxResult:
+    if "error" in rec:
+        return SandboxResult(False, error=rec["error"])
+    if "int" in rec:
+        return SandboxResult(True, int(rec["int"]))
+    if "float" in rec:
+        return SandboxResult(True, float(rec["float"]))
+    return SandboxResult(True, Fraction(rec["frac"]))
+
+
+def run_solutions(codes: list[str], *, timeout_s: float = 1.0, mem_mb: int = 256, batch_timeout_s: float | None = None,
+                  python: str | None = None) -> list[SandboxResult]:
+    """Run each code's `solution()` in a sandboxed child process; results in input order.
+
+    timeout_s        wall-clock seconds one solution() may take
+    mem_mb           address-space limit of the child
+    batch_timeout_s  wall-clock limit of one child (default: 5 + timeout_s * len(codes))
+    """
+    results: list[SandboxResult | None] = [None] * len(codes)
+    start = 0
+    while start < len(codes):
+        pending = codes[start:]
+        limit = batch_timeout_s or 5.0 + timeout_s * len(pending)
+        cpu = int(limit) + 1
+        with tempfile.TemporaryDirectory(prefix="tdg-sandbox-") as cwd:
+            try:
+                proc = subprocess.run(
+                    [python or sys.executable, "-I", "-S", "-c", _RUNNER],
+                    input=json.dumps({"timeout": timeout_s, "codes": pending}), capture_output=True, text=True,
+                    env={}, cwd=cwd, timeout=limit, preexec_fn=_limits(mem_mb * 2**20, cpu),
+                    start_new_session=True, close_fds=True)
+                stdout = proc.stdout
+            except subprocess.TimeoutExpired as e:  # subprocess.run kills the child
+                stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        done = 0
+        for line in stdout.splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            results[start + rec["i"]] = _decode(rec)
+            done = rec["i"] + 1
+        if done < len(pending):  # the child died on pending[done]: mark it, retry the rest in a new child
+            results[start + done] = SandboxResult(False, error="killed")
+            done += 1
+        start += done
+    return results  # type: ignore[return-value]
+
+
+def same_answer(got: int | float | Fraction | None, exact: Fraction, *, rel: float = 1e-9) -> bool:
+    """Does a sandbox value equal the exact answer? ints/Fractions exactly; floats within `rel` (relative,
+    at least 1e-9 absolute) since solution_code uses float arithmetic like TemplateGSM's code."""
+    if got is None:
+        return False
+    if isinstance(got, float):
+        return abs(got - float(exact)) <= rel * max(1.0, abs(float(exact)))
+    return Fraction(got) == exact

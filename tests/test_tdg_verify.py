@@ -1,0 +1,108 @@
+"""Template verification: the seed library passes; planted bad templates fail for the right reason;
+the sandbox contains hostile code."""
+import copy
+import json
+
+import jsonschema
+import pytest
+
+from engine.tdg.sandbox import run_solutions
+from engine.tdg.template import DATA_DIR, SCHEMA_PATH, word_lists
+from engine.tdg.verify import REASONS, verify_template, verify_templates
+
+SEEDS = [json.loads(l) for l in (DATA_DIR / "seed_templates.jsonl").read_text().splitlines() if l.strip()]
+
+GOOD = {"skill": "money", "variables": [{"name": "name", "type": "choice", "list": "names"},
+                                        {"name": "apples", "type": "integer", "min": 2, "max": 20, "step": 1},
+                                        {"name": "pears", "type": "integer", "min": 2, "max": 20, "step": 1}],
+        "constraints": [], "problem": "{name} has {apples} apples and {pears} pears. How many fruits in all?",
+        "steps": [{"name": "total", "expr": "apples + pears", "text": "{apples} + {pears} = {total}."}],
+        "answer": {"expr": "total", "type": "integer", "places": 0}}
+
+
+def variant(**changes):
+    t = copy.deepcopy(GOOD)
+    for k, v in changes.items():
+        t[k] = v
+    return t
+
+
+def test_schema_is_valid_and_lists_match_data():
+    schema = json.loads(SCHEMA_PATH.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    enum = schema["properties"]["variables"]["items"]["anyOf"][2]["properties"]["list"]["enum"]
+    assert sorted(enum) == sorted(word_lists())
+    assert all(len(w) >= 10 for w in word_lists().values())
+
+
+def test_seed_library_all_verify():
+    assert len(SEEDS) >= 20
+    verdicts = verify_templates(SEEDS, k=8, source="seed")
+    bad = [(s["skill"], v.reason, v.details) for s, v in zip(SEEDS, verdicts) if not v.accepted]
+    assert not bad
+    assert len({v.template_id for v in verdicts}) == len(SEEDS)
+
+
+def test_good_template_accepted():
+    v = verify_template(GOOD)
+    assert v.accepted and v.reason is None and v.stats["k"] == 8
+
+
+@pytest.mark.parametrize("template, reason", [
+    # the text says pears, the answer counts plums (a variable never shown)
+    (variant(variables=GOOD["variables"] + [{"name": "plums", "type": "integer", "min": 1, "max": 9, "step": 1}],
+             steps=[{"name": "total", "expr": "apples + plums", "text": "{apples} + {plums} = {total}."}]),
+     "answer_var_not_in_text"),
+    # the text shows pears, but the answer ignores them
+    (variant(steps=[{"name": "total", "expr": "apples * 2", "text": "{apples} * 2 = {total}."}]), "unused_variable"),
+    # pears cancel out: structurally present, no influence
+    (variant(steps=[{"name": "total", "expr": "apples + pears - pears", "text": "{total}."}]), "unused_variable"),
+    (variant(constraints=["apples > 100"]), "unsatisfiable_constraints"),
+    (variant(answer={"expr": "total / 3", "type": "integer", "places": 0}), "answer_type"),
+    (variant(answer={"expr": "apples - pears - 30", "type": "integer", "places": 0}), "negative_answer"),
+    (variant(answer={"expr": "total / (apples % 1)", "type": "fraction", "places": 0}), "eval_error"),
+    (variant(answer={"expr": "__import__('os')", "type": "integer", "places": 0}), "unsafe_expression"),
+    (variant(answer={"expr": "total.real", "type": "integer", "places": 0}), "unsafe_expression"),
+    (variant(answer={"expr": "total +", "type": "integer", "places": 0}), "parse_error"),
+    (variant(answer={"expr": "bananas", "type": "integer", "places": 0}), "unknown_name"),
+    (variant(problem="{name} has {apples} apples and {pears pears. How many?"), "parse_error"),
+    (variant(extra=1), "schema"),
+    (variant(variables=[{"name": "name", "type": "choice", "list": "spaceships"}]), "schema"),
+])
+def test_planted_bad_templates(template, reason):
+    assert reason in REASONS
+    v = verify_template(template)
+    assert not v.accepted
+    assert v.reason == reason, (v.reason, v.details)
+    assert v.details
+
+
+def test_code_mismatch_float_vs_exact():
+    # exact: ceil(n * 11/10) for n = 10, 20, ... is n * 1.1; in floats 10 * 1.1 = 11.000000000000002 -> 12
+    t = variant(variables=[{"name": "n", "type": "integer", "min": 10, "max": 90, "step": 10}],
+                problem="A price of {n} dollars rises by ten percent. Rounded up, what is the new price?",
+                steps=[{"name": "total", "expr": "ceil(n * 1.1)", "text": "{total}."}])
+    v = verify_template(t)
+    assert not v.accepted and v.reason == "code_mismatch", (v.reason, v.details)
+    # without the sandbox the same template passes: the second check is what catches it
+    assert verify_template(t, sandbox=False).accepted
+
+
+def test_sandbox_contains_hostile_code():
+    codes = ["def solution():\n    return 6 * 7\n",
+             "def solution():\n    while True:\n        pass\n",
+             "def solution():\n    x = [0] * (10 ** 10)\n    return 1\n",
+             "def solution():\n    import socket\n    return socket.socket()\n",
+             "import socket\ndef solution():\n    return 1\n",
+             "def solution():\n    return open('/tmp/tdg_sandbox_probe', 'w').write('x')\n",
+             "def solution():\n    return ().__class__.__base__.__subclasses__()\n",
+             "def solution():\n    return 1 / 4\n"]
+    r = run_solutions(codes, timeout_s=0.5)
+    assert r[0].ok and r[0].value == 42
+    assert not r[1].ok and r[1].error == "timeout"
+    assert not r[2].ok and r[2].error in ("memory", "killed")
+    assert not r[3].ok and "ImportError" in r[3].error
+    assert not r[4].ok and "ImportError" in r[4].error
+    assert not r[5].ok
+    assert not r[6].ok
+    assert r[7].ok and r[7].value == 0.25  # the batch went on after every failure
