@@ -169,7 +169,7 @@ def _sha256(path: Path) -> str:
 
 
 def _summary(out: Path, manifest: dict | None, stats) -> None:
-    rows = (manifest or {}).get("dataset", {}).get("rows")
+    rows = ((manifest or {}).get("dataset") or {}).get("num_rows")
     print(f"dataset: {out}/data  ({rows if rows is not None else '?'} rows; card {out}/README.md)")
     if stats is not None and getattr(stats, "generated", 0):
         print(f"generated {stats.generated} outputs, {stats.output_tokens} output tokens in {stats.seconds:.1f}s: "

@@ -46,11 +46,12 @@ def test_answers_match_sympy():
         c = compile_template(ct)
         for pid in range(30):
             row = make_row(c, 3, pid)
+            variables = json.loads(row["variables"])
             values = {}
             for v in ct.numeric:
-                values[v.name] = next(v.value(i) for i in range(v.count) if _fmt_var(v, v.value(i)) == row["variables"][v.name])
+                values[v.name] = next(v.value(i) for i in range(v.count) if _fmt_var(v, v.value(i)) == variables[v.name])
             for w in ct.words:
-                values[w.name] = row["variables"][w.name]
+                values[w.name] = variables[w.name]
             ok, exact = _exact_instance(ct, values)
             assert ok
             assert row["result"] == fmt_answer(exact, ct.template.answer.type), (raw["skill"], values)

@@ -7,7 +7,7 @@ same rows come out in any process, with any number of workers, on any machine.
     rows = list(instantiate(templates, n_per_template=100, seed=0, workers=2))
     rows[0] -> {"problem": "...", "solution_code": "def solution(): ...", "result": "42",
                 "solution_wocode": "...", "source": "seed", "template_id": "tdg-…", "problem_id": 0,
-                "variables": {"name": "Ava", "price": "120"}, "skill": "...", "seed": 0, "draws": 1,
+                "variables": '{"name": "Ava", "price": "120"}', "skill": "...", "seed": 0, "draws": 1,
                 "verified": True, "sandbox_verified": True}
 
 `templates` are (template JSON, source, flags) triples (`TemplateSpec`) so that they pickle cheaply into
@@ -15,6 +15,7 @@ spawned workers, which compile each template once. Rows stream out in (template,
 """
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import time
@@ -53,7 +54,10 @@ def make_row(ct: CompiledTemplate, seed: int, problem_id: int, flags: dict | Non
     flags = flags or {}
     return {"problem": problem, "solution_code": code, "result": result,
             "solution_wocode": solution, "source": chk.source, "template_id": chk.template_id,
-            "problem_id": problem_id, "variables": variables, "skill": chk.template.skill, "seed": seed,
+            "problem_id": problem_id,
+            # JSON text: every template has its own variable names, and one shared column type keeps
+            # the published parquet a flat table instead of a struct of every name ever seen.
+            "variables": json.dumps(variables, sort_keys=True), "skill": chk.template.skill, "seed": seed,
             "draws": attempt + 1, "verified": bool(flags.get("verified", False)),
             "sandbox_verified": bool(flags.get("sandbox", False))}
 
