@@ -1,6 +1,6 @@
 """Throughput of the engine against raw vLLM, and the cost of constraints, measured side by side in one run.
 
-    sdg bench throughput [--model PATH] [--prompts N] [--max-tokens T] [--constraint none|json|regex|choice]
+    sdg bench throughput [--model PATH] [--prompts N] [--max-tokens T] [--constraint none|json[-SHAPE]|regex|choice]
                          [--backend guidance|xgrammar|outlines] [--repeat R] [--tag NAME]
 
 One process, one vLLM engine. Each repetition runs, back to back on the same prompts, sampling and seeds:
@@ -30,15 +30,32 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 SCHEMAS = {
-    # Several shapes: flat, nested, with arrays, with enums.
-    "json": {"type": "object", "properties": {
-        "problem": {"type": "string", "maxLength": 300}, "answer": {"type": "number"},
-        "difficulty": {"enum": ["easy", "medium", "hard"]},
-        "steps": {"type": "array", "items": {"type": "string", "maxLength": 80}, "minItems": 1, "maxItems": 3},
-        "meta": {"type": "object", "properties": {"topic": {"type": "string", "maxLength": 30}},
-                 "required": ["topic"], "additionalProperties": False}},
-        "required": ["problem", "answer", "difficulty", "steps", "meta"], "additionalProperties": False},
+    # Several shapes, so the cost of a constraint is seen per feature: flat, nested, arrays, enums, all.
+    "json-flat": {"type": "object", "properties": {"problem": {"type": "string", "maxLength": 300},
+                                                   "answer": {"type": "number"}},
+                  "required": ["problem", "answer"], "additionalProperties": False},
+    "json-nested": {"type": "object", "properties": {
+        "problem": {"type": "object", "properties": {"text": {"type": "string", "maxLength": 300},
+                                                     "topic": {"type": "string", "maxLength": 30}},
+                    "required": ["text", "topic"], "additionalProperties": False},
+        "answer": {"type": "object", "properties": {"value": {"type": "number"}, "unit": {"type": "string",
+                                                                                         "maxLength": 15}},
+                   "required": ["value", "unit"], "additionalProperties": False}},
+        "required": ["problem", "answer"], "additionalProperties": False},
+    "json-arrays": {"type": "object", "properties": {
+        "problem": {"type": "string", "maxLength": 300},
+        "steps": {"type": "array", "items": {"type": "string", "maxLength": 80}, "minItems": 1, "maxItems": 4},
+        "numbers": {"type": "array", "items": {"type": "integer"}, "maxItems": 6}},
+        "required": ["problem", "steps", "numbers"], "additionalProperties": False},
+    "json-enums": {"type": "object", "properties": {
+        "problem": {"type": "string", "maxLength": 300}, "difficulty": {"enum": ["easy", "medium", "hard"]},
+        "grade": {"type": "integer", "enum": [1, 2, 3, 4, 5, 6]}},
+        "required": ["problem", "difficulty", "grade"], "additionalProperties": False},
 }
+SCHEMAS["json"] = {"type": "object", "properties": {
+    **SCHEMAS["json-arrays"]["properties"], "difficulty": SCHEMAS["json-enums"]["properties"]["difficulty"],
+    "answer": SCHEMAS["json-nested"]["properties"]["answer"]},
+    "required": ["problem", "steps", "difficulty", "answer"], "additionalProperties": False}
 REGEX = r"[A-Z][a-z]{2,12}( [a-z]{2,12}){3,12}\."
 CHOICES = ["easy", "medium", "hard", "very hard"]
 TOPICS = ["apples", "trains", "a bakery", "marbles", "a garden", "books", "a zoo", "coins", "kites", "robots",
@@ -53,8 +70,9 @@ def prompts(n: int) -> list[str]:
 
 def constraint_for(kind: str):
     from engine.constraints import Constraint
-    return {"none": None, "json": lambda: Constraint.json_schema(SCHEMAS["json"]),
-            "regex": lambda: Constraint.regex(REGEX), "choice": lambda: Constraint.choice(CHOICES)}[kind]
+    if kind in SCHEMAS:
+        return lambda: Constraint.json_schema(SCHEMAS[kind])
+    return {"none": None, "regex": lambda: Constraint.regex(REGEX), "choice": lambda: Constraint.choice(CHOICES)}[kind]
 
 
 def build_requests(n: int, max_tokens: int, kind: str, ignore_eos: bool, stage: str):
@@ -126,12 +144,14 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="sdg bench throughput", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None)
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--constraint", default="none", choices=["none", "json", "regex", "choice"])
+    parser.add_argument("--constraint", default="none",
+                        help="none, regex, choice, json (all features) or json-flat/-nested/-arrays/-enums; "
+                             "several, comma-separated, are measured one after another on the same engine")
     parser.add_argument("--backend", default="guidance", choices=["guidance", "xgrammar", "outlines"],
                         help="grammar backend")
     parser.add_argument("--repeat", type=int, default=3)
@@ -143,13 +163,19 @@ def main(argv=None) -> dict:
     from engine.backends.base import load_backend
     kwargs = {"max_num_seqs": args.max_num_seqs} if args.max_num_seqs else {}
     backend = load_backend("vllm", args.model, grammar_backend=args.backend, **kwargs)
-    result = measure(backend, prompts=args.prompts, max_tokens=args.max_tokens, constraint=args.constraint,
-                     repeat=args.repeat)
-    tag = args.tag or f"{result['device'].replace(' ', '_')}-{args.constraint}-{args.backend}"
-    path = write(result, args.out_dir, tag)
-    report(result)
-    print(f"wrote {path}")
-    return result
+    results = []
+    for constraint in args.constraint.split(","):
+        if constraint not in ("none", "regex", "choice", *SCHEMAS):
+            raise SystemExit(f"error: unknown constraint {constraint!r}")
+        result = measure(backend, prompts=args.prompts, max_tokens=args.max_tokens, constraint=constraint,
+                         repeat=args.repeat)
+        tag = (f"{args.tag}-{constraint}" if args.tag else
+               f"{result['device'].replace(' ', '_')}-{constraint}-{args.backend}")
+        path = write(result, args.out_dir, tag)
+        report(result)
+        print(f"wrote {path}")
+        results.append(result)
+    return results
 
 
 def measure(backend, *, prompts: int, max_tokens: int, constraint: str, repeat: int) -> dict:

@@ -110,3 +110,23 @@ def test_method_end_to_end(tmp_path):
     out = tdg.run(config, ctx)
     assert len(store.rows("problems")) == len(problems)
     store.close()
+
+
+def test_every_row_checked_twice_in_the_sandbox(tmp_path):
+    """A row whose answer disagrees with what its own solution_code returns in the sandbox is rejected."""
+    from engine.methods import tdg
+    from engine.store import RunStore
+
+    config = tdg.Config(topics=[], problems_per_template=3)
+    with RunStore.open(tmp_path / "run", {"t": 1}) as store:
+        tdg.add_seed_templates(config, store)
+        specs = tdg.accepted_templates(store)[:2]
+        rows = [dict(r, key=f"k{i}") for i, r in enumerate(instantiate(specs, n_per_template=3, seed=0, workers=1))]
+        rows[1]["result"] = str(int(float(rows[1]["result"])) + 7)  # an answer its code does not compute
+        counts = {"added": 0, "rejected": 0}
+        tdg._commit_rows(config, store, rows, counts)
+        store.commit()
+        assert counts == {"added": len(rows) - 1, "rejected": 1}
+        (reject,) = store.rejects("problems")
+        assert reject["key"] == "k1" and reject["reason"] == "row_code_mismatch"
+        assert all(r["row_code_verified"] for r in store.rows("problems"))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import random
+from fractions import Fraction
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -28,6 +29,7 @@ from engine.request import Request, Result, Sampling, stable_hash
 from engine.runner import owns, run_stage
 from engine.tdg.instantiate import TemplateSpec, instantiate
 from engine.tdg.template import DATA_DIR, SCHEMA_PATH, word_lists
+from engine.tdg.sandbox import run_solutions, same_answer
 from engine.tdg.verify import verify_template, verify_templates
 
 class Config(BaseModel):
@@ -58,6 +60,10 @@ class Config(BaseModel):
     """Seed templates shown as examples in each prompt."""
     sandbox: bool = True
     """Run each verified instance's solution_code in the sandbox (the second check)."""
+    verify_rows: bool = True
+    """Check every published row twice: its answer is computed exactly by the compiled template, and its own
+    solution_code is run in the sandbox (batched) and must give the same answer; a row that disagrees is a
+    reject ('row_code_mismatch')."""
     workers: int | None = Field(None, ge=1)
     """Processes for instantiation; None: all cores."""
 
@@ -175,22 +181,46 @@ def accepted_templates(store) -> list[TemplateSpec]:
 
 def instantiate_problems(config: Config, store, specs: list[TemplateSpec], replica: tuple[int, int] = (0, 1)) -> dict:
     """Stage 'problems': every template x problems_per_template rows, skipping keys already committed and
-    keys another replica owns."""
+    keys another replica owns. With verify_rows, rows go through the sandbox in batches before committing."""
     done = store.done_keys("problems")
     stats: dict = {}
-    added = 0
+    counts = {"added": 0, "rejected": 0}
+    batch: list[dict] = []
     for row in instantiate(specs, n_per_template=config.problems_per_template, seed=config.seed,
                            workers=config.workers, stats=stats):
         key = stable_hash(["tdg-problem", config.seed, row["template_id"], row["problem_id"]])
         if key in done or not owns(key, replica):
             continue
-        store.add("problems", {"key": key, **row})
-        added += 1
-        store.maybe_commit()
+        batch.append({"key": key, **row})
+        if len(batch) >= ROW_BATCH:
+            _commit_rows(config, store, batch, counts)
+            batch = []
+    _commit_rows(config, store, batch, counts)
     store.commit()
-    store.record("problems", rows=added, skipped_instances=stats.get("skipped", 0),
-                 instantiate_seconds=stats.get("seconds", 0.0), templates=len(specs))
-    return {"added": added, **stats}
+    store.record("problems", rows=counts["added"], row_code_mismatch=counts["rejected"],
+                 skipped_instances=stats.get("skipped", 0), instantiate_seconds=stats.get("seconds", 0.0),
+                 templates=len(specs))
+    return {**counts, **stats}
+
+
+ROW_BATCH = 2000  # rows per sandbox child: amortizes its start-up (~30 ms) over many solutions
+
+
+def _commit_rows(config: Config, store, rows: list[dict], counts: dict) -> None:
+    """Second check of each row's answer: its solution_code, run in the sandbox, must agree with the exact
+    result. Agreeing rows are committed, the others rejected with what the code returned."""
+    if not rows:
+        return
+    checks = run_solutions([r["solution_code"] for r in rows]) if config.verify_rows else [None] * len(rows)
+    for row, check in zip(rows, checks):
+        if check is not None and not (check.ok and same_answer(check.value, Fraction(row["result"]))):
+            store.reject("problems", {**row, "code_answer": str(check.value) if check.ok else check.error},
+                         "row_code_mismatch")
+            counts["rejected"] += 1
+        else:
+            store.add("problems", {**row, "row_code_verified": check is not None})
+            counts["added"] += 1
+        store.maybe_commit()
 
 
 def run(config: Config, ctx: Context) -> Output:
