@@ -1,0 +1,623 @@
+"""TarGEN: targeted synthetic data generation with LLMs (Gupta et al., arXiv 2310.17876), on the engine.
+
+Read top to bottom, like the paper. A task spec (configs/targen/<task>.yaml, `TaskSpec`) gives the task
+instruction, the label set with what each label means for the fields, the instance fields with their JSON
+Schema, and few-shot examples we wrote; it is checked whole before anything is generated.
+
+  1. Stage "contexts".  `context_requests` requests, each a constrained list of `contexts_per_request`
+     domains/settings for the task (grammars/targen/contexts.schema.json). Repeats are dropped.
+  2. Stage "seeds".  Per distinct context, one constrained list of `seeds_per_context` instance seeds.
+  3. Stage "instances".  Label-constrained generation: every request fixes its label before generating and
+     pairs it with a seed (attempt j of label L uses seed j mod #seeds, so each seed meets every label); the
+     output is constrained by the task's field schema. Outputs that break the spec's `distinct`/`contains`
+     checks, or repeat a text field of a few-shot example (longer than 20 characters), are rejects with a
+     reason ("check: ..."), as are truncated ones.
+  4. Stage "corrections".  Self-correction: the model re-labels each instance, with a short rationale, the
+     label constrained to the label set. Both labels are kept; `disagreement` flags a changed label.
+  5. Stage "dataset" (no model).  `on_label_change` decides what a changed label means:
+       relabel    publish the corrected label (the paper's choice; counts towards the corrected label)
+       drop       publish only instances whose label the model confirmed (others: reject "label_changed")
+       keep_both  publish the target label, with `corrected_label` and `disagreement` beside it
+     Candidates the run's quality filters would remove (exact/near duplicates) are rejects here, so the
+     published count is reached after dedup. Per label, the first `target` candidates by key are published;
+     the rest are rejects "surplus".
+
+Steps 3-4 run in rounds until every label has its target count (rows x label_distribution, largest
+remainder): round r asks ceil(deficit x overgenerate) new instances of each short label, at most `max_rounds`
+rounds; a label still short then is reported (`shortfall_<label>` in the manifest) and published short.
+Round r's deficits are computed from rounds < r only, so a resumed run rebuilds exactly the same requests.
+
+Every row keeps its provenance: context key and text -> seed key and text -> instance key -> correction key.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import jsonschema
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from engine.config import ConfigError
+from engine.constraints import Constraint, ConstraintError
+from engine.methods import Context, Output
+from engine.prompting import render
+from engine.request import Request, Result, Sampling, stable_hash
+from engine.runner import StageStats, run_stage
+
+log = logging.getLogger(__name__)
+
+GRAMMARS = Path(__file__).resolve().parents[2] / "grammars" / "targen"
+STAGES = ("contexts", "seeds", "instances", "corrections", "dataset")
+POLICIES = ("relabel", "drop", "keep_both")
+# Columns of a published row besides the task's fields: a field may not take one of these names.
+RESERVED = frozenset({"key", "task", "label", "target_label", "corrected_label", "disagreement", "rationale",
+                      "round", "attempt", "context", "context_key", "seed", "seed_key", "instance_key",
+                      "correction_key", "model", "sampling_seed", "fields"})
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_MENTION = re.compile(r"`([^`]+)`")  # a field or label named in prose: `premise`
+
+
+# ================================================================================== 0. the task spec
+
+class Label(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    meaning: str = Field(min_length=1)
+    """What the label says about the instance's fields, in words; fields are named in backticks (`premise`)."""
+
+
+class Example(BaseModel):
+    """A few-shot example, written by us: its label, its fields, and optionally why the label holds."""
+
+    model_config = ConfigDict(extra="forbid")
+    label: str
+    fields: dict[str, Any]
+    rationale: str | None = None
+    """Shown in the self-correction prompt as the example's answer."""
+
+
+class TaskSpec(BaseModel):
+    """A task for TarGEN, read from configs/targen/<task>.yaml (see copa.yaml for a commented one)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[a-z0-9_]+$")
+    """Short task id (copa, boolq, ...); goes into every row as `task`."""
+    instruction: str = Field(min_length=1)
+    """The task in words; names fields in backticks."""
+    labels: dict[str, Label] = Field(min_length=2)
+    """The label set: label name -> its meaning for the fields. Quote YAML names like "true"/"false"."""
+    fields: dict[str, dict] = Field(min_length=1)
+    """Instance fields in generation order: field name -> its JSON Schema. All are required."""
+    few_shot: list[Example] = Field(min_length=1)
+    """Our examples; each must validate against `fields` and use a label of `labels`."""
+    context_hint: str = "any domains where this task occurs"
+    """Step 1: what kind of contexts (domains, settings) to list."""
+    seed_hint: str = "short sentences"
+    """Step 2: what an instance seed is for this task (plural, e.g. 'short sentences about one event')."""
+    text_fields: list[str] | None = None
+    """Fields that are the row's text for dedup, decontamination and diversity; default all string fields."""
+    distinct: list[list[str]] = Field(default_factory=list)
+    """Groups of fields whose values must all differ (COPA: premise, choice1, choice2)."""
+    contains: list[tuple[str, str]] = Field(default_factory=list)
+    """[a, b] pairs: the value of field a must occur in field b, ignoring case (WiC: the word in each sentence)."""
+    source: str | None = None
+    """The file the spec was read from (set when loaded)."""
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _quoted_names(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            for name in v:
+                if not isinstance(name, str):
+                    raise PydanticCustomError("label_name", f"label name {name!r} is not a string: write label "
+                                                            f"names in quotes in YAML (\"true\", not true)")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TaskSpec":
+        """Everything the prompts and checks use must be defined: fields in the schema, labels in the set."""
+        for f in self.fields:
+            if not _NAME.match(f) or f in RESERVED:
+                _fail(f"field name {f!r} must be an identifier and not one of {', '.join(sorted(RESERVED))}")
+        try:
+            self.constraint()
+        except ConstraintError as e:
+            _fail(f"fields: {e}")
+        used = {"text_fields": self.text_fields or [],
+                "distinct": [f for group in self.distinct for f in group],
+                "contains": [f for pair in self.contains for f in pair]}
+        prose = [self.instruction, self.context_hint, self.seed_hint] + [lb.meaning for lb in self.labels.values()]
+        used["prose (backticks)"] = [m for text in prose for m in _MENTION.findall(text) if m not in self.labels]
+        for where, names in used.items():
+            missing = [n for n in names if n not in self.fields]
+            if missing:
+                _fail(f"{where} uses field(s) {', '.join(map(repr, missing))} that `fields` does not define "
+                      f"(defined: {', '.join(self.fields)})")
+        if any(len(group) < 2 for group in self.distinct):
+            _fail("each `distinct` group needs at least two fields")
+        validator = jsonschema.validators.validator_for(self.instance_schema())(self.instance_schema())
+        for i, ex in enumerate(self.few_shot):
+            if ex.label not in self.labels:
+                _fail(f"few_shot[{i}] has label {ex.label!r}, which is not in the label set "
+                      f"({', '.join(self.labels)})")
+            error = jsonschema.exceptions.best_match(validator.iter_errors(ex.fields))
+            if error is not None:
+                at = "/".join(map(str, error.path))
+                _fail(f"few_shot[{i}].fields{'.' + at if at else ''}: {error.message} (must match `fields`)")
+            broken = self.check(ex.fields)
+            if broken and not broken.startswith("copied_example"):
+                _fail(f"few_shot[{i}] breaks the spec's own check: {broken}")
+        return self
+
+    # -- what the method uses
+    def instance_schema(self) -> dict:
+        """The JSON Schema of one instance: every field, in order, required, nothing else."""
+        return {"type": "object", "properties": self.fields, "required": list(self.fields),
+                "additionalProperties": False}
+
+    def constraint(self) -> Constraint:
+        return _instance_constraint(json.dumps(self.instance_schema(), sort_keys=True))
+
+    def text_field_names(self) -> list[str]:
+        return self.text_fields or [f for f, s in self.fields.items() if s.get("type") == "string"] or list(self.fields)
+
+    def check(self, fields: dict) -> str | None:
+        """The first `distinct`/`contains` check that `fields` breaks, in words; None when all hold
+        (WiC: {"word": "bank", "sentence1": "a loan", ...} -> "contains: sentence1 does not contain word")."""
+        norm = {k: " ".join(str(v).casefold().split()) for k, v in fields.items()}
+        for f in self.text_field_names():
+            if isinstance(fields.get(f), str) and len(norm[f]) > 20 and norm[f] in self._example_texts():
+                return f"copied_example: {f} repeats a few-shot example"
+        for group in self.distinct:
+            values = [norm[f] for f in group]
+            if len(set(values)) < len(values):
+                return f"distinct: {'/'.join(group)} repeat a value"
+        for a, b in self.contains:
+            if norm[a] not in norm[b]:
+                return f"contains: {b} does not contain {a}"
+        return None
+
+
+    def _example_texts(self) -> frozenset[str]:
+        """Normalized string values of the few-shot examples: an instance repeating one copied it."""
+        return frozenset(" ".join(v.casefold().split()) for ex in self.few_shot for v in ex.fields.values()
+                         if isinstance(v, str))
+
+
+def _fail(message: str):
+    raise PydanticCustomError("task_spec", message)
+
+
+@lru_cache(maxsize=64)
+def _instance_constraint(schema_json: str) -> Constraint:
+    return Constraint.json_schema(json.loads(schema_json))
+
+
+class TaskSpecError(ConfigError):
+    """A task spec that cannot be used; the message names the file and what is wrong. A ConfigError, so `sdg`
+    prints it as one `error:` line and exits 2, before any model loads."""
+
+
+def load_task(path: str | Path) -> TaskSpec:
+    """Read and check a task spec file; raises TaskSpecError with one line naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise TaskSpecError(f"task spec not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise TaskSpecError(f"{path}: malformed YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise TaskSpecError(f"{path}: a task spec must be a mapping")
+    try:
+        return TaskSpec.model_validate({**raw, "source": str(path)})
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise TaskSpecError(f"{path}: {loc + ': ' if loc else ''}{err['msg']}") from None
+
+
+# ================================================================================== the run config
+
+class Config(BaseModel):
+    """The `params:` of a TarGEN run config (configs/targen_copa.yaml)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: TaskSpec
+    """The task spec: a path to configs/targen/<task>.yaml (relative to the run config's folder), or inline."""
+    rows: int = Field(ge=1, le=10_000_000)
+    """Rows to publish, split over labels by `label_distribution`."""
+    label_distribution: dict[str, float] | None = None
+    """Target share per label (any positive weights; labels left out get 0). None: uniform."""
+    context_requests: int = Field(2, ge=1, le=10_000)
+    """Step 1: how many context lists to ask for (distinct seeds)."""
+    contexts_per_request: int = Field(5, ge=1, le=50)
+    """Step 1: contexts per list."""
+    seeds_per_context: int = Field(4, ge=1, le=50)
+    """Step 2: instance seeds per distinct context."""
+    overgenerate: float = Field(1.5, ge=1.0, le=10.0)
+    """Step 3: a round asks ceil(deficit x overgenerate) instances per short label, for rejects and changes."""
+    max_rounds: int = Field(4, ge=1, le=50)
+    """Steps 3-4 repeat until every label reaches its target or this many rounds have run."""
+    on_label_change: Literal["relabel", "drop", "keep_both"] = "relabel"
+    """What a label changed by self-correction means: publish the corrected label (the paper), drop the row,
+    or publish the target label with `corrected_label` and `disagreement` beside it."""
+    show_label_in_correction: bool = False
+    """Step 4: tell the model which label the instance was written for (the paper's verify-and-correct) or
+    let it re-label blind (default: no anchoring on the target label)."""
+    few_shot: int | None = Field(None, ge=0)
+    """How many of the spec's few-shot examples each prompt shows; None: all."""
+    sampling: Sampling = Field(default_factory=lambda: Sampling(max_tokens=200, temperature=0.8, top_p=0.95))
+    """Steps 1-3. An output cut off by max_tokens is a reject ('truncated')."""
+    correction_sampling: Sampling = Field(default_factory=lambda: Sampling(max_tokens=120, temperature=0.0))
+    """Step 4 (greedy by default: the model's own best label)."""
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _load_task(cls, v: Any) -> Any:
+        if isinstance(v, (str, Path)):
+            try:
+                return load_task(v)
+            except TaskSpecError as e:
+                raise PydanticCustomError("task_spec", str(e)) from None
+        return v
+
+    @model_validator(mode="after")
+    def _distribution(self) -> "Config":
+        if self.label_distribution is not None:
+            unknown = [k for k in self.label_distribution if k not in self.task.labels]
+            if unknown:
+                raise PydanticCustomError("label", f"label_distribution names label(s) {', '.join(map(repr, unknown))} "
+                                                   f"not in the label set of task {self.task.name} "
+                                                   f"({', '.join(self.task.labels)})")
+            if any(w < 0 for w in self.label_distribution.values()) or sum(self.label_distribution.values()) <= 0:
+                raise PydanticCustomError("label", "label_distribution weights must be >= 0 with a positive sum, "
+                                                   f"got {self.label_distribution}")
+        return self
+
+
+def resolve_paths(params: dict, base: Path) -> dict:
+    """A relative `task:` path is relative to the run config's folder."""
+    task = params.get("task")
+    if isinstance(task, str) and not Path(task).is_absolute():
+        params = {**params, "task": str(base / task)}
+    return params
+
+
+def label_targets(rows: int, labels: list[str], distribution: dict[str, float] | None = None) -> dict[str, int]:
+    """Rows per label: shares of `rows` rounded by largest remainder (ties: label order), summing to `rows`.
+
+    >>> label_targets(7, ["a", "b", "c"])
+    {'a': 3, 'b': 2, 'c': 2}
+    >>> label_targets(10, ["yes", "no"], {"yes": 3, "no": 1})
+    {'yes': 8, 'no': 2}
+    """
+    weights = {lb: (distribution or {}).get(lb, 0.0) if distribution else 1.0 for lb in labels}
+    total = sum(weights.values())
+    exact = {lb: rows * w / total for lb, w in weights.items()}
+    counts = {lb: math.floor(x) for lb, x in exact.items()}
+    by_remainder = sorted(labels, key=lambda lb: (-(exact[lb] - counts[lb]), labels.index(lb)))
+    for lb in by_remainder[: rows - sum(counts.values())]:
+        counts[lb] += 1
+    return counts
+
+
+# ================================================================================== helpers
+
+@lru_cache(maxsize=8)
+def _grammar(name: str) -> str:
+    """A grammars/targen/ schema file, checked against the meta-schema on first load (as JSON text)."""
+    return json.dumps(Constraint.json_schema(GRAMMARS / name).spec)
+
+
+def list_constraint(name: str, field: str, n: int) -> Constraint:
+    """grammars/targen/<name> with exactly `n` items in its list `field`."""
+    schema = json.loads(_grammar(name))
+    schema["properties"][field].update(minItems=n, maxItems=n)
+    return Constraint.json_schema(schema)
+
+
+def correction_constraint(labels: list[str]) -> Constraint:
+    schema = json.loads(_grammar("correction.schema.json"))
+    schema["properties"]["label"]["enum"] = list(labels)
+    return Constraint.json_schema(schema)
+
+
+def sampling_seed(ctx: Context, *identity: Any) -> int:
+    """A request's seed: the run seed and the request's identity, hashed (32 bits)."""
+    return int(stable_hash([ctx.seed, *identity], 8), 16)
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.casefold().split())
+
+
+def distinct_items(rows: list[dict], field: str) -> list[tuple[dict, int, str]]:
+    """(row, index, text) for each item of each row's list `field`, first occurrence only (case and spacing
+    ignored), rows in key order: `[{"xs": ["A", "b"]}, {"xs": ["a "]}] -> [(r0, 0, "A"), (r0, 1, "b")]`."""
+    seen: set[str] = set()
+    out = []
+    for row in rows:
+        for i, text in enumerate(row[field]):
+            if _norm(text) and _norm(text) not in seen:
+                seen.add(_norm(text))
+                out.append((row, i, text))
+    return out
+
+
+def _messages(spec: TaskSpec, user: str) -> list[dict]:
+    return [{"role": "system", "content": render("targen/system.jinja", task=spec)},
+            {"role": "user", "content": user}]
+
+
+def _examples(config: Config) -> list[Example]:
+    return config.task.few_shot[: config.few_shot] if config.few_shot is not None else config.task.few_shot
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _invalid(result: Result) -> str | None:
+    return None if result.valid else (result.reason or "invalid")
+
+
+def _add(total: StageStats | None, stats: StageStats) -> StageStats:
+    """Sum two StageStats of the same stage (rounds of step 4)."""
+    if total is None:
+        return stats
+    for name in ("total", "skipped", "generated", "accepted", "rejected", "prompt_tokens", "output_tokens", "seconds"):
+        setattr(total, name, getattr(total, name) + getattr(stats, name))
+    for reason, n in stats.reject_reasons.items():
+        total.reject_reasons[reason] = total.reject_reasons.get(reason, 0) + n
+    return total
+
+
+# ================================================================================== 1. contexts
+
+def context_requests(config: Config, ctx: Context) -> list[Request]:
+    n = config.contexts_per_request
+    constraint = list_constraint("contexts.schema.json", "contexts", n)
+    user = render("targen/contexts.jinja", task=config.task, n=n)
+    return [Request.build(stage="contexts", model=ctx.model_name, messages=_messages(config.task, user),
+                          constraint=constraint, sampling=config.sampling, salt=i,
+                          seed=sampling_seed(ctx, "contexts", config.task.name, i), meta={"index": i})
+            for i in range(config.context_requests)]
+
+
+def context_row(request: Request, result: Result) -> tuple[dict, str | None]:
+    row = {"key": result.key, "index": request.meta["index"], "sampling_seed": request.seed,
+           "contexts": (result.parsed or {}).get("contexts") if result.valid else None, "output": result.text}
+    return row, _invalid(result)
+
+
+# ================================================================================== 2. seeds
+
+def seed_requests(config: Config, ctx: Context, context_rows: list[dict]) -> list[Request]:
+    n = config.seeds_per_context
+    constraint = list_constraint("seeds.schema.json", "seeds", n)
+    out = []
+    for row, i, context in distinct_items(context_rows, "contexts"):
+        user = render("targen/seeds.jinja", task=config.task, context=context, n=n)
+        out.append(Request.build(
+            stage="seeds", model=ctx.model_name, messages=_messages(config.task, user), constraint=constraint,
+            sampling=config.sampling, salt=[row["key"], i],
+            seed=sampling_seed(ctx, "seeds", row["key"], i),
+            meta={"context_key": row["key"], "context_index": i, "context": context}))
+    return out
+
+
+def seed_row(request: Request, result: Result) -> tuple[dict, str | None]:
+    row = {**request.meta, "key": result.key, "sampling_seed": request.seed,
+           "seeds": (result.parsed or {}).get("seeds") if result.valid else None, "output": result.text}
+    return row, _invalid(result)
+
+
+# ================================================================================== 3. label-constrained instances
+
+def instance_requests(config: Config, ctx: Context, seeds: list[tuple[dict, int, str]],
+                      wanted: dict[str, int], issued: dict[str, int], round_: int) -> list[Request]:
+    """`wanted[label]` new requests per label; attempt j of a label (counted over all rounds in `issued`)
+    uses seed j mod len(seeds)."""
+    spec = config.task
+    examples = [{"label": ex.label, "json": _json(ex.fields)} for ex in _examples(config)]
+    out = []
+    for label in spec.labels:
+        for j in range(issued[label], issued[label] + wanted.get(label, 0)):
+            seed_row_, seed_index, seed = seeds[j % len(seeds)]
+            user = render("targen/instance.jinja", task=spec, examples=examples, label=label,
+                          meaning=spec.labels[label].meaning, context=seed_row_["context"], seed=seed,
+                          fields=list(spec.fields))
+            out.append(Request.build(
+                stage="instances", model=ctx.model_name, messages=_messages(spec, user),
+                constraint=spec.constraint(), sampling=config.sampling, salt=[label, j],
+                seed=sampling_seed(ctx, "instances", label, j),
+                meta={"round": round_, "target_label": label, "attempt": j,
+                      "context_key": seed_row_["context_key"], "context": seed_row_["context"],
+                      "seed_key": seed_row_["key"], "seed_index": seed_index, "seed": seed}))
+        issued[label] += wanted.get(label, 0)
+    return out
+
+
+def instance_row(spec: TaskSpec):
+    def to_row(request: Request, result: Result) -> tuple[dict, str | None]:
+        row = {**request.meta, "key": result.key, "sampling_seed": request.seed,
+               "fields": result.parsed if result.valid else None, "output": result.text}
+        broken = spec.check(result.parsed) if result.valid else None
+        return row, _invalid(result) or (f"check: {broken}" if broken else None)
+    return to_row
+
+
+# ================================================================================== 4. self-correction
+
+def correction_requests(config: Config, ctx: Context, instances: list[dict]) -> list[Request]:
+    spec = config.task
+    constraint = correction_constraint(list(spec.labels))
+    examples = [{"json": _json(ex.fields), "answer": _json({"rationale": ex.rationale or "", "label": ex.label})}
+                for ex in _examples(config)]
+    out = []
+    for inst in instances:
+        user = render("targen/correct.jinja", task=spec, examples=examples, instance=_json(inst["fields"]),
+                      label=inst["target_label"] if config.show_label_in_correction else None)
+        out.append(Request.build(
+            stage="corrections", model=ctx.model_name, messages=_messages(spec, user), constraint=constraint,
+            sampling=config.correction_sampling, salt=inst["key"],
+            seed=sampling_seed(ctx, "corrections", inst["key"]),
+            meta={"instance_key": inst["key"], "round": inst["round"], "initial_label": inst["target_label"]}))
+    return out
+
+
+def correction_row(store):
+    def to_row(request: Request, result: Result) -> tuple[dict, str | None]:
+        parsed = result.parsed if result.valid else {}
+        row = {**request.meta, "key": result.key, "sampling_seed": request.seed,
+               "corrected_label": parsed.get("label"), "rationale": parsed.get("rationale"),
+               "disagreement": result.valid and parsed["label"] != request.meta["initial_label"],
+               "output": result.text}
+        if result.valid:  # committed with this row: the counts never run ahead of the rows
+            store.record("corrections", checked=1, disagreed=int(row["disagreement"]),
+                         **{f"disagreed_{request.meta['initial_label']}": int(row["disagreement"])})
+        return row, _invalid(result)
+    return to_row
+
+
+# ================================================================================== 5. the dataset
+
+def candidates(config: Config, ctx: Context, instances: list[dict], corrections: list[dict],
+               before_round: int | None = None) -> list[dict]:
+    """Published-row candidates, one per instance that has a valid correction (rounds < before_round),
+    with `label` set by `on_label_change`, sorted by key."""
+    by_instance = {c["instance_key"]: c for c in corrections}
+    out = []
+    for inst in instances:
+        c = by_instance.get(inst["key"])
+        if c is None or (before_round is not None and inst["round"] >= before_round):
+            continue
+        label = c["corrected_label"] if config.on_label_change == "relabel" else inst["target_label"]
+        out.append({"key": inst["key"], "task": config.task.name, **inst["fields"], "label": label,
+                    "target_label": inst["target_label"], "corrected_label": c["corrected_label"],
+                    "disagreement": c["disagreement"], "rationale": c["rationale"], "round": inst["round"],
+                    "context_key": inst["context_key"], "context": inst["context"], "seed_key": inst["seed_key"],
+                    "seed": inst["seed"], "instance_key": inst["key"], "correction_key": c["key"],
+                    "model": ctx.model_name, "sampling_seed": inst["sampling_seed"]})
+    return sorted(out, key=lambda r: r["key"])
+
+
+def select(config: Config, rows: list[dict], targets: dict[str, int], quality=None) -> tuple[list[dict], list[tuple[dict, str]]]:
+    """(published rows, [(row, reject reason)]): `drop` removes changed labels, the quality filters remove
+    duplicates, then each label keeps its first `target` rows by key; the rest are 'surplus'."""
+    from engine.quality import apply_filters
+
+    rejects: list[tuple[dict, str]] = []
+    if config.on_label_change == "drop":
+        rejects += [(r, "label_changed") for r in rows if r["disagreement"]]
+        rows = [r for r in rows if not r["disagreement"]]
+    if quality is not None:
+        fields = config.task.text_field_names()
+        texts = ["\n".join(v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, sort_keys=True)
+                           for v in (r.get(f) for f in fields) if v is not None) for r in rows]
+        removed = {m.key: m for m in apply_filters(list(zip((r["key"] for r in rows), texts)), quality)}
+        rejects += [(r, f"{removed[r['key']].reason}: of {removed[r['key']].duplicate_of}")
+                    for r in rows if r["key"] in removed]
+        rows = [r for r in rows if r["key"] not in removed]
+    kept: list[dict] = []
+    per_label: dict[str, int] = {}
+    for r in rows:
+        per_label[r["label"]] = per_label.get(r["label"], 0) + 1
+        if per_label[r["label"]] <= targets.get(r["label"], 0):
+            kept.append(r)
+        else:
+            rejects.append((r, "surplus"))
+    return kept, rejects
+
+
+def publish(config: Config, ctx: Context, targets: dict[str, int], rounds: int) -> list[dict]:
+    """Stage 'dataset': the selected rows and the rejects (with reasons), and its figures for the manifest
+    (recorded once, when the stage is first written)."""
+    store = ctx.store
+    instances, corrections = store.rows("instances"), store.rows("corrections")
+    rows = candidates(config, ctx, instances, corrections)
+    kept, rejects = select(config, rows, targets, ctx.extras.get("quality"))
+    done = store.done_keys("dataset")
+    if not done:
+        counts = {lb: sum(r["label"] == lb for r in kept) for lb in config.task.labels}
+        n = max(len(kept), 1)
+        checked = max(len(corrections), 1)
+        store.record("dataset", rows=len(kept), rounds=rounds,
+                     shortfall=sum(max(0, targets[lb] - counts[lb]) for lb in targets),
+                     correction_rate=round(sum(r["label"] != r["target_label"] for r in kept) / n, 4),
+                     disagreement_rate=round(sum(r["disagreement"] for r in kept) / n, 4),
+                     disagreement_rate_all=round(sum(c["disagreement"] for c in corrections) / checked, 4),
+                     **{f"rows_{lb}": counts[lb] for lb in counts}, **{f"target_{lb}": targets[lb] for lb in targets})
+        for lb in targets:
+            if counts[lb] < targets[lb]:
+                log.warning("targen: label %r has %d of %d rows after %d rounds; raise max_rounds or overgenerate",
+                            lb, counts[lb], targets[lb], rounds)
+    for r in kept:
+        if r["key"] not in done:
+            store.add("dataset", r)
+    for r, reason in rejects:
+        if r["key"] not in done:
+            store.reject("dataset", r, reason)
+    store.commit()
+    return kept
+
+
+# ================================================================================== the method
+
+def run(config: Config, ctx: Context) -> Output | None:
+    """Steps 1-5; returns None after the stage named by ctx.extras['stop_after']."""
+    store, spec = ctx.store, config.task
+    stop_after = ctx.extras.get("stop_after")
+    if stop_after is not None and stop_after not in STAGES:
+        raise ConfigError(f"--stop-after {stop_after!r}: TarGEN's stages are {', '.join(STAGES)}")
+
+    def stage(name: str, requests: list[Request], to_row) -> StageStats:
+        return run_stage(ctx.backend, store, name, requests, to_row, replica=ctx.replica, progress=ctx.progress) \
+            if requests else StageStats(stage=name)
+
+    stage("contexts", context_requests(config, ctx), context_row)
+    if stop_after == "contexts":
+        return None
+    stage("seeds", seed_requests(config, ctx, store.rows("contexts")), seed_row)
+    if stop_after == "seeds":
+        return None
+    seeds = distinct_items(store.rows("seeds"), "seeds")
+    if not seeds:
+        raise RuntimeError(f"targen: no valid instance seeds in {store.out} (see rejects/seeds/); "
+                           "raise context_requests or seeds_per_context")
+
+    targets = label_targets(config.rows, list(spec.labels), config.label_distribution)
+    issued = {lb: 0 for lb in spec.labels}
+    last: StageStats | None = None
+    rounds = 0
+    for round_ in range(1, config.max_rounds + 1):
+        # Deficits from rounds < round_ only: a resumed run rebuilds the same requests whatever it committed later.
+        rows = candidates(config, ctx, store.rows("instances"), store.rows("corrections"), before_round=round_)
+        kept, _ = select(config, rows, targets, ctx.extras.get("quality"))
+        have = {lb: sum(r["label"] == lb for r in kept) for lb in spec.labels}
+        wanted = {lb: math.ceil((targets[lb] - have[lb]) * config.overgenerate) for lb in spec.labels
+                  if have[lb] < targets[lb]}
+        if not wanted:
+            break
+        rounds = round_
+        stage("instances", instance_requests(config, ctx, seeds, wanted, issued, round_), instance_row(spec))
+        if stop_after == "instances":
+            return None
+        fresh = [r for r in store.rows("instances") if r["round"] == round_]
+        last = _add(last, stage("corrections", correction_requests(config, ctx, fresh), correction_row(store)))
+        if stop_after == "corrections":
+            return None
+    ctx.extras["last_stats"] = last
+    publish(config, ctx, targets, rounds)
+    if stop_after == "dataset":
+        return None
+    return Output(final_stage="dataset", text_fields=spec.text_field_names())
