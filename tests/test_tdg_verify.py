@@ -106,3 +106,40 @@ def test_sandbox_contains_hostile_code():
     assert not r[5].ok
     assert not r[6].ok
     assert r[7].ok and r[7].value == 0.25  # the batch went on after every failure
+
+
+@pytest.mark.parametrize("template, reason", [
+    # huge ranges: refused by the schema's bounds before anything is drawn
+    (variant(variables=[GOOD["variables"][0], {"name": "apples", "type": "integer", "min": 0, "max": 10**18,
+                                               "step": 1}, GOOD["variables"][2]]), "schema"),
+    (variant(variables=[GOOD["variables"][0], {"name": "apples", "type": "decimal", "min": 0, "max": 1e300,
+                                               "step": 1e-300, "places": 2}, GOOD["variables"][2]]), "schema"),
+    # deep nesting and huge exponents inside a template's own expressions
+    (variant(answer={"expr": "(" * 60 + "total" + ")" * 60, "type": "integer", "places": 0}), "schema"),
+    (variant(answer={"expr": "total ** 99999", "type": "integer", "places": 0}), "unsafe_expression"),
+    (variant(answer={"expr": "().__class__.__bases__[0].__subclasses__()", "type": "integer", "places": 0}),
+     "unsafe_expression"),
+    # constraints no draw can satisfy within the bounded number of draws
+    (variant(constraints=["apples % 7 == 3 and pears % 11 == 5 and apples > pears * 3"]), "unsatisfiable_constraints"),
+])
+def test_hostile_templates_rejected_with_reason(template, reason):
+    v = verify_template(template)
+    assert not v.accepted and v.reason == reason, (v.reason, v.details)
+
+
+def test_legacy_style_code_cannot_harm_the_host():
+    """Free Python as TemplateMath's templates carry it, run only in the sandbox: deep recursion, runaway
+    arithmetic, loops, imports; each fails with a reason and the batch (and this process) goes on."""
+    codes = ["def solution():\n    def f(n):\n        return f(n + 1)\n    return f(0)\n",
+             "import sys\nsys.setrecursionlimit(10**9)\ndef solution():\n    return 1\n",
+             "def solution():\n    return 9 ** 9 ** 9\n",
+             "def solution():\n    while True:\n        x = [0] * 10**6\n",
+             "def solution():\n    return __import__('os').system('true')\n",
+             "def solution():\n    return 6\n"]
+    r = run_solutions(codes, timeout_s=1.0)
+    assert "RecursionError" in r[0].error
+    assert "ImportError" in r[1].error
+    assert r[2].error == "timeout"
+    assert r[3].error in ("timeout", "memory", "killed")
+    assert not r[4].ok
+    assert r[5].ok and r[5].value == 6
