@@ -134,12 +134,15 @@ def plot(result: dict, path: Path) -> None:
     names = list(result["median_output_tok_per_s"])
     values = [result["median_output_tok_per_s"][k] for k in names]
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    ax.bar(names, values, color=["#777", "#2a7", "#c63", "#36c"][:len(names)])
+    labels = {"unconstrained_same_length": "unconstrained\n(same length)", "raw": "raw vLLM",
+              "engine": "engine\n(persisting)"}
+    ax.bar([labels.get(n, n) for n in names], values, color=["#777", "#2a7", "#c63", "#36c"][:len(names)])
     for i, v in enumerate(values):
         ax.text(i, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=8)
     ax.set_ylabel("output tokens/s")
-    ax.set_title(f"{result['device']} · {result['prompts']} prompts · {result['constraint']} "
-                 f"({result['grammar_backend']})", fontsize=9)
+    ax.set_title(f"{result['device']} · {result['prompts']} prompts × {result['max_tokens']} tokens · "
+                 f"{result['constraint']} ({result['grammar_backend']}"
+                 f"{', compact' if result.get('compact_json') else ''})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -155,6 +158,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--backend", default="guidance", choices=["guidance", "xgrammar", "outlines"],
                         help="grammar backend")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--any-whitespace", action="store_true",
+                        help="let JSON outputs hold free whitespace (the engine's default is compact JSON)")
     parser.add_argument("--max-num-seqs", type=int, default=None)
     parser.add_argument("--tag", default=None)
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
@@ -162,6 +167,7 @@ def main(argv=None) -> list[dict]:
 
     from engine.backends.base import load_backend
     kwargs = {"max_num_seqs": args.max_num_seqs} if args.max_num_seqs else {}
+    kwargs["compact_json"] = not args.any_whitespace
     backend = load_backend("vllm", args.model, grammar_backend=args.backend, **kwargs)
     results = []
     for constraint in args.constraint.split(","):
@@ -203,6 +209,7 @@ def measure(backend, *, prompts: int, max_tokens: int, constraint: str, repeat: 
         "machine": platform.machine(), "cores": os.cpu_count(), "vllm": vllm.__version__,
         "model": backend.identity()["model"]["name"], "prompts": prompts, "max_tokens": max_tokens,
         "constraint": constraint, "grammar_backend": backend.grammar_backend, "repeat": repeat,
+        "compact_json": backend.compact_json,
         "max_num_seqs": backend.max_num_seqs,
         "median_output_tok_per_s": medians,
         "median_req_per_s": {k: median_of(v, "req_per_s") for k, v in runs.items()},

@@ -67,6 +67,9 @@ class VllmBackend(Backend):
         max_model_len: context length to reserve KV cache for.
         kv_cache_gib: CPU only: KV cache size (vLLM-CPU otherwise reserves most of a NUMA node and fails on
             small machines). Ignored on GPU, where gpu_memory_utilization applies.
+        compact_json: JSON outputs without free whitespace between tokens (vLLM's disable_any_whitespace).
+            Small models otherwise fill their token budget with runs of spaces and newlines inside the JSON;
+            on an H100 guidance was also faster this way (9,243 vs 7,911 output tok/s, gpu/README.md).
         engine_kwargs: passed to `vllm.LLM` as they are.
     """
 
@@ -74,7 +77,8 @@ class VllmBackend(Backend):
 
     def __init__(self, model_dir: Path, grammar_backend: str = DEFAULT_GRAMMAR_BACKEND, in_flight: int | None = None,
                  max_model_len: int = 4096, kv_cache_gib: int = 2, max_num_seqs: int | None = None,
-                 gpu_memory_utilization: float | None = None, seed: int = 0, **engine_kwargs) -> None:
+                 gpu_memory_utilization: float | None = None, seed: int = 0, compact_json: bool = True,
+                 **engine_kwargs) -> None:
         set_offline()
         try:
             import torch
@@ -83,6 +87,7 @@ class VllmBackend(Backend):
             raise BackendError(f"vLLM is not installed ({e}); install the 'cpu' or 'gpu' extra") from None
         self.model_dir = Path(model_dir)
         self.grammar_backend = grammar_backend
+        self.compact_json = compact_json
         self.on_cpu = not torch.cuda.is_available()
         kwargs: dict = dict(model=str(self.model_dir), dtype="bfloat16", seed=seed, max_model_len=max_model_len,
                             structured_outputs_config={"backend": grammar_backend})
@@ -124,7 +129,8 @@ class VllmBackend(Backend):
         if request.constraint is not None:
             c = request.constraint
             field = {"json": "json", "regex": "regex", "choice": "choice", "grammar": "grammar"}[c.kind]
-            structured = StructuredOutputsParams(**{field: list(c.spec) if c.kind == "choice" else c.spec})
+            structured = StructuredOutputsParams(**{field: list(c.spec) if c.kind == "choice" else c.spec},
+                                                 disable_any_whitespace=self.compact_json and c.kind == "json")
         s = request.sampling
         return SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
                               ignore_eos=s.ignore_eos, seed=request.seed, structured_outputs=structured,
@@ -207,6 +213,7 @@ class VllmBackend(Backend):
 
     def identity(self) -> dict:
         return {"backend": "vllm", "vllm": self.vllm_version, "grammar_backend": self.grammar_backend,
+                "compact_json": self.compact_json,
                 "device": "cpu" if self.on_cpu else "cuda", "model": model_identity(self.model_dir),
                 "settings": {k: v for k, v in self.settings.items() if isinstance(v, (int, float, str, bool, dict))}}
 
