@@ -2,7 +2,7 @@
 
     sdg model prepare|path [--model PATH]
     sdg generate --prompts FILE.jsonl --out DIR [--schema FILE] [--backend vllm|transformers] [--model PATH] ...
-    sdg run CONFIG.yaml --out DIR [--new]
+    sdg run CONFIG.yaml --out DIR [--new] [--replicas N [--ray [ADDRESS]] [--engines-per-gpu K]]
     sdg export DIR --format jsonl|parquet --to PATH
     sdg bench throughput|instantiate ...
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -68,7 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", required=True, type=Path)
     run.add_argument("--new", action="store_true", help="start a separate run dir instead of resuming OUT")
     run.add_argument("--stop-after", default=None, help="stop after this stage (e.g. GLAN's taxonomy, to edit it)")
-    run.add_argument("--replica", default=None, help="INDEX/COUNT: generate only this replica's share")
+    run.add_argument("--replicas", type=int, default=None, metavar="N",
+                     help="N replicas share the run (processes, or Ray actors with --ray); docs/scale-out.md")
+    run.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                     help="replicas as Ray actors: 'auto' (default: this machine's cluster, else a local one), "
+                          "'local' (a private cluster on 127.0.0.1), or HOST:PORT")
+    run.add_argument("--engines-per-gpu", type=int, default=None, metavar="K",
+                     help="replicas sharing one GPU (default: chosen from model size, GPU memory and cores)")
+    run.add_argument("--replica", default=None, help="INDEX/COUNT: run only this replica (launched by hand, "
+                     "one per machine or process; needs --session)")
+    run.add_argument("--session", default=None, help="with --replica: a name shared by the replicas of one "
+                     "launch, new for each launch")
     _add_engine_args(run)
 
     export = sub.add_parser("export", help="export a run's dataset")
@@ -137,11 +148,36 @@ def cmd_run(args) -> int:
     for flag in ("model", "backend", "grammar_backend"):
         if getattr(args, flag):
             setattr(config, flag, getattr(args, flag))
+    from engine.config import ConfigError, ParallelSettings
+    from engine.parallel import ReplicaError
+    parallel = config.parallel.model_dump()
+    for flag, field in (("replicas", "replicas"), ("ray", "ray_address"), ("engines_per_gpu", "engines_per_gpu")):
+        if getattr(args, flag) is not None:
+            parallel[field] = getattr(args, flag)
+    config.parallel = ParallelSettings.model_validate(parallel)
     replica = (0, 1)
     if args.replica:
-        index, count = (int(x) for x in args.replica.split("/"))
-        replica = (index, count)
-    out, manifest, stats = run_method(config, args.out, new=args.new, stop_after=args.stop_after, replica=replica)
+        m = re.fullmatch(r"(\d+)/(\d+)", args.replica)
+        if not m or not int(m[1]) < int(m[2]):
+            raise ConfigError(f"--replica must be INDEX/COUNT with 0 <= INDEX < COUNT, got {args.replica!r}")
+        replica = (int(m[1]), int(m[2]))
+        if replica[1] > 1 and (not args.session or args.new):
+            raise ConfigError("--replica INDEX/COUNT needs --session NAME (the same for every replica of this "
+                              "launch) and no --new; or let `--replicas N` start them all")
+    try:
+        if args.replica is None and (config.parallel.replicas > 1 or config.parallel.ray_address):
+            from engine.parallel import run_parallel
+            out, manifest = run_parallel(config, args.out, new=args.new, stop_after=args.stop_after)
+            stats = None
+        else:
+            out, manifest, stats = run_method(config, args.out, new=args.new, stop_after=args.stop_after,
+                                              replica=replica, session=args.session)
+    except ReplicaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if replica[0] != 0:
+        print(f"replica {replica[0]}/{replica[1]} done; replica 0 publishes {out}/data")
+        return 0
     _summary(out, manifest, stats)
     return 0
 
@@ -169,6 +205,9 @@ def _sha256(path: Path) -> str:
 
 
 def _summary(out: Path, manifest: dict | None, stats) -> None:
+    if manifest is None:  # stopped on purpose before publishing (--stop-after)
+        print(f"stopped early; committed stages are in {out}; rerun without --stop-after to continue")
+        return
     rows = ((manifest or {}).get("dataset") or {}).get("num_rows")
     print(f"dataset: {out}/data  ({rows if rows is not None else '?'} rows; card {out}/README.md)")
     if stats is not None and getattr(stats, "generated", 0):

@@ -5,6 +5,7 @@
     backend: vllm                  # vllm | transformers
     grammar_backend: guidance      # guidance | xgrammar | outlines
     seed: 0
+    parallel: {replicas: 1}        # scale-out (engine.parallel); not part of the run's identity
     params: {...}                  # validated by the method's own Config
 
 Every field is checked (unknown fields are errors, not warnings) before any model is loaded.
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from engine.backends.base import DEFAULT_GRAMMAR_BACKEND
 
@@ -32,6 +33,40 @@ class StoreSettings(BaseModel):
     """...or once this many seconds have passed since the last commit: at most this much work is at risk."""
 
 
+class ParallelSettings(BaseModel):
+    """How many replicas generate one run, and where they run (engine.parallel, docs/scale-out.md).
+    None of it changes what is generated: a run may be resumed with other settings."""
+
+    model_config = ConfigDict(extra="forbid")
+    replicas: int = Field(1, ge=1, le=4096)
+    """N: replicas sharing the run directory, each generating the keys it owns (a split by key hash)."""
+    engines_per_gpu: int | None = Field(None, ge=1, le=64)
+    """K: replicas (vLLM engines) sharing one GPU, each with 0.8/K of its memory; None: chosen from the model
+    size, GPU memory and CPU cores (engine.parallel.choose_engines_per_gpu), with the reason logged."""
+    tensor_parallel_size: int = Field(1, ge=1, le=64)
+    """M: GPUs of one replica's engine (vLLM tensor parallelism, within one node)."""
+    ray_address: str | None = None
+    """None: replicas are processes on this machine. "local": a private Ray cluster on this machine, bound to
+    127.0.0.1. "auto": the Ray cluster this machine belongs to (RAY_ADDRESS or `ray start`), else a local one.
+    "HOST:PORT" or "ray://HOST:PORT": that cluster. With Ray, each replica is an actor."""
+
+    @field_validator("ray_address")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        import re
+        if v is None or v in ("auto", "local") or re.fullmatch(r"(ray://)?[A-Za-z0-9_.\-\[\]:]+:\d{1,5}", v):
+            return v
+        raise ValueError(f"ray_address must be null, 'auto', 'local', 'HOST:PORT' or 'ray://HOST:PORT', got {v!r}")
+
+    @model_validator(mode="after")
+    def _one_kind_of_sharing(self) -> "ParallelSettings":
+        if (self.engines_per_gpu or 1) > 1 and self.tensor_parallel_size > 1:
+            raise ValueError(f"engines_per_gpu > 1 shares a GPU among engines, tensor_parallel_size > 1 spreads one "
+                             f"engine over GPUs: set one of them, got {self.engines_per_gpu} and "
+                             f"{self.tensor_parallel_size}")
+        return self
+
+
 class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -45,6 +80,8 @@ class RunConfig(BaseModel):
     """Extra engine settings (vLLM: max_model_len, kv_cache_gib, max_num_seqs, gpu_memory_utilization, ...)."""
     seed: int = 0
     store: StoreSettings = Field(default_factory=StoreSettings)
+    parallel: ParallelSettings = Field(default_factory=ParallelSettings)
+    """Replicas, engines per GPU, tensor parallelism, Ray (docs/scale-out.md); not hashed into the run."""
     quality: dict[str, Any] | None = None
     """Dedup / decontamination / diversity settings for the published rows (engine.quality.QualityConfig)."""
     params: dict[str, Any] = Field(default_factory=dict)
@@ -90,9 +127,30 @@ def method_config(config: RunConfig):
         raise ConfigError(_first_error(e, f"params of method {config.method}")) from None
 
 
+def run_payload(config: RunConfig, params=None, model_id: dict | None = None) -> dict:
+    """What identifies a run (hashed by the store): the config with the method's validated params and the
+    model's fingerprint, without the settings that do not change what is generated (store, parallel)."""
+    from engine import models
+    params = params if params is not None else method_config(config)
+    model_id = model_id or models.identity(models.prepare(config.model))
+    payload = config.model_dump(mode="json")
+    payload["params"] = params.model_dump(mode="json")
+    payload["model_fingerprint"] = model_id["fingerprint"]
+    payload.pop("store", None)  # commit cadence does not change what is generated
+    payload.pop("parallel", None)  # nor does how many replicas generate it: resume with any N
+    return payload
+
+
 def run_method(config: RunConfig, out: Path, *, new: bool = False, stop_after: str | None = None,
-               replica: tuple[int, int] = (0, 1), progress: bool = True):
-    """Run `config`'s method into run dir `out`; returns (run dir, manifest, last stage stats)."""
+               replica: tuple[int, int] = (0, 1), progress: bool = True, session: str | None = None,
+               engine_overrides: dict | None = None):
+    """Run `config`'s method into run dir `out`; returns (run dir, manifest, last stage stats).
+
+    With `replica=(i, N)`, N > 1, this process is replica i of the launch named `session` (engine.parallel
+    starts them): it generates only the keys it owns, waits for the other replicas wherever the method reads
+    a whole stage, and replica 0 publishes once all of them are done; the others return manifest None.
+    `engine_overrides` (a replica's GPU memory share, tensor parallelism) reach the backend, not the run hash.
+    """
     from engine import methods, models
     from engine.backends.base import load_backend
     from engine.quality import QualityConfig
@@ -105,25 +163,33 @@ def run_method(config: RunConfig, out: Path, *, new: bool = False, stop_after: s
     quality.check_files()
     model_dir = models.prepare(config.model)
     model_id = models.identity(model_dir)
-    payload = config.model_dump(mode="json")
-    payload["params"] = params.model_dump(mode="json")
-    payload["model_fingerprint"] = model_id["fingerprint"]
-    payload.pop("store", None)  # commit cadence does not change what is generated
+    payload = run_payload(config, params, model_id)
     store = RunStore.open(out, payload, new=new, writer=f"r{replica[0]}",
                           commit_rows=config.store.commit_rows, commit_seconds=config.store.commit_seconds,
                           identity={"model": model_id})
+    engine_opts = {**config.engine, **(engine_overrides or {})}
+
+    def start_backend():
+        return load_backend(config.backend, str(model_dir), grammar_backend=config.grammar_backend,
+                            seed=config.seed, **engine_opts)
+
+    sync = None
+    if replica[1] > 1:
+        from engine.parallel import ReplicaSync
+        sync = ReplicaSync(store, replica, session)
     ctx = methods.Context(
-        store=store, seed=config.seed, model_name=model_id["fingerprint"], replica=replica, progress=progress,
-        load_backend=lambda: load_backend(config.backend, str(model_dir), grammar_backend=config.grammar_backend,
-                                          seed=config.seed, **config.engine),
+        store=sync.store if sync else store, seed=config.seed, model_name=model_id["fingerprint"], replica=replica,
+        progress=progress, load_backend=sync.serialized(start_backend) if sync else start_backend,
         extras={"stop_after": stop_after, "quality": quality})
     try:
         output = module.run(params, ctx)
     finally:
         store.commit()
-    if output is None:  # stopped early on purpose (e.g. after GLAN's taxonomy)
+    if sync is not None:
+        sync.finish()  # every replica's work is committed before replica 0 publishes
+    if output is None or replica[0] != 0:  # stopped early on purpose, or not the publishing replica
         store.close()
-        return store.out, None, None
+        return store.out, None, (ctx.extras.get("last_stats") if output is not None else None)
     manifest = store.finalize(output.final_stage, quality=quality, text_fields=output.text_fields)
     store.close()
     return store.out, manifest, ctx.extras.get("last_stats")

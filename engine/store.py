@@ -549,7 +549,7 @@ class RunStore:
         name = f"{self.writer}-{self._seq:06d}-{digest[:16]}.parquet"
         d = self.out / kind / stage
         if not d.is_dir():
-            d.mkdir()
+            d.mkdir(exist_ok=True)  # another writer may create it at the same moment
             _fsync_dir(d.parent)
         _atomic_write(d / name, data, d / f".tmp-{self.writer}-{name}", kill="shard_write")
         _kill_point("after_rename")
@@ -607,6 +607,8 @@ class RunStore:
     def _all_stats(self) -> dict[str, dict]:
         out = {}
         for p in sorted((self.out / "stats").glob("*.json")):
+            if p.name.startswith("."):  # another writer's temp file, half written (pathlib's glob matches it)
+                continue
             w = p.stem
             out[w] = self._own if w == self.writer else self._read_stats(w)
         out.setdefault(self.writer, self._own)

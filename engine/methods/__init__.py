@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Callable
 
-REGISTRY = {"tdg": "engine.methods.tdg", "targen": "engine.methods.targen", "glan": "engine.methods.glan"}
+REGISTRY = {"tdg": "engine.methods.tdg", "targen": "engine.methods.targen", "glan": "engine.methods.glan",
+            "echo": "engine.methods.echo"}  # echo: a two-stage smoke/scale-out method, no paper
 
 
 class MethodError(ValueError):
