@@ -4,7 +4,7 @@
     sdg generate --prompts FILE.jsonl --out DIR [--schema FILE] [--backend vllm|transformers] [--model PATH] ...
     sdg run CONFIG.yaml --out DIR [--new] [--replicas N [--ray [ADDRESS]] [--engines-per-gpu K]]
     sdg export DIR --format jsonl|parquet --to PATH
-    sdg bench throughput|instantiate ...
+    sdg bench throughput|instantiate|replicas ...
 
 Bad input (config, schema, prompts file, model path) is one line on stderr starting with `error:` and exit
 status 2, before anything is written.
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--to", required=True, type=Path)
 
     bench = sub.add_parser("bench", help="benchmarks (see bench/)")
-    bench.add_argument("what", choices=["throughput", "instantiate"])
+    bench.add_argument("what", choices=["throughput", "instantiate", "replicas"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 

@@ -34,3 +34,14 @@ def test_instantiate_bench_writes_results(tmp_path):
     saved = json.loads((tmp_path / "instantiate-tiny.json").read_text())
     assert saved == json.loads(json.dumps(result))
     assert saved["ours_rows_per_s"] > 0 and saved["baseline_rows_per_s"] > 0 and saved["all_cores_rows_per_s"] > 0
+
+
+def test_replicas_bench_writes_results(tmp_path):
+    bench = _load("replicas")
+    result = bench.main(["--backend", "transformers", "--prompts", "2", "--max-tokens", "2", "--replicas", "1,2",
+                         "--tag", "tiny", "--out-dir", str(tmp_path)])
+    saved = json.loads((tmp_path / "replicas-tiny.json").read_text())
+    assert [(r["replicas"], r["ray"]) for r in saved["runs"]] == [(1, False), (1, True), (2, False), (2, True)]
+    assert all("error" not in r and r["output_tokens"] > 0 and r["wall_s"] > 0 for r in saved["runs"])
+    assert len({r["rows"] for r in saved["runs"]}) == 1  # every configuration published the same rows
+    assert result["runs"][3]["speedup_vs_1"] > 0 and "ray_extra_wall_s" in result["runs"][3]
