@@ -16,7 +16,6 @@ import logging
 import os
 import re
 import sys
-import time
 from pathlib import Path
 
 from engine.backends.base import GRAMMAR_BACKENDS, DEFAULT_GRAMMAR_BACKEND

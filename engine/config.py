@@ -96,19 +96,29 @@ def _first_error(e: ValidationError, where: str) -> str:
     return f"{where}: {loc + ': ' if loc else ''}{err['msg']}"
 
 
-def load_run_config(path: Path) -> RunConfig:
+def load_yaml_mapping(path: Path, what: str, error: type[ConfigError] = ConfigError) -> dict:
+    """A YAML file that must hold a mapping; any problem is one `error` naming the file."""
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise error(f"{what} not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: malformed YAML: {str(e).splitlines()[0]}") from None
+        raise error(f"{path}: malformed YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a run config must be a mapping")
+        raise error(f"{path}: a {what} must be a mapping")
+    return raw
+
+
+def validated(model: type[BaseModel], raw: dict, where: str, error: type[ConfigError] = ConfigError):
+    """`model` validated from `raw`; the first validation error becomes one `error` line."""
     try:
-        config = RunConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_first_error(e, str(path))) from None
+        raise error(_first_error(e, where)) from None
+
+
+def load_run_config(path: Path) -> RunConfig:
+    config = validated(RunConfig, load_yaml_mapping(path, "config file"), str(path))
     config._source = path
     method_config(config)  # fail now on bad params, before any model loads
     return config

@@ -401,15 +401,18 @@ class RunStore:
         except Exception as e:  # pyarrow raises several types for a damaged file; all mean the same here
             self._quarantine(path, rel, str(e))
             return False
-        keys = table.column("key").to_pylist()
-        shard = Shard(rel, kind, stage, m["writer"], int(m["seq"]), digest, table.num_rows)
-        if kind == "rejects":
-            shard.reasons = Counter(_reason_kind(r) for r in table.column("reason").to_pylist())
-            self._reject_keys.setdefault(stage, set()).update(keys)
-        else:
-            self._row_keys.setdefault(stage, set()).update(keys)
-        self._shards[rel] = shard
+        self._index(Shard(rel, kind, stage, m["writer"], int(m["seq"]), digest, table.num_rows), table)
         return True
+
+    def _index(self, shard: Shard, table: pa.Table) -> None:
+        """Make a committed shard known: its keys count as done, its reject reasons as counted."""
+        keys = table.column("key").to_pylist()
+        if shard.kind == "rejects":
+            shard.reasons = Counter(_reason_kind(r) for r in table.column("reason").to_pylist())
+            self._reject_keys.setdefault(shard.stage, set()).update(keys)
+        else:
+            self._row_keys.setdefault(shard.stage, set()).update(keys)
+        self._shards[shard.rel] = shard
 
     def _quarantine(self, path: Path, rel: str, why: str) -> None:
         dest = self.out / "quarantine" / rel
@@ -555,14 +558,7 @@ class RunStore:
         _kill_point("after_rename")
         self._seq += 1
         rel = f"{kind}/{stage}/{name}"
-        shard = Shard(rel, kind, stage, self.writer, self._seq - 1, digest, table.num_rows)
-        keys = table.column("key").to_pylist()
-        if kind == "rejects":
-            shard.reasons = Counter(_reason_kind(r) for r in table.column("reason").to_pylist())
-            self._reject_keys.setdefault(stage, set()).update(keys)
-        else:
-            self._row_keys.setdefault(stage, set()).update(keys)
-        self._shards[rel] = shard
+        self._index(Shard(rel, kind, stage, self.writer, self._seq - 1, digest, table.num_rows), table)
 
     def rows(self, stage: str) -> list[dict]:
         """All committed rows of `stage` from every writer, one per key, sorted by key. A key committed

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, sdg
+from conftest import sdg
 
 
 def _write(path: Path, lines: list) -> Path:

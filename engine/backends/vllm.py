@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from engine.backends.base import DEFAULT_GRAMMAR_BACKEND, Backend, BackendError
-from engine.constraints import Constraint, ConstraintError
+from engine.constraints import ConstraintError
 from engine.models import identity as model_identity
 from engine.models import set_offline
 from engine.request import Request, Result

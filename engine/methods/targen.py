@@ -40,11 +40,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import jsonschema
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from engine.config import ConfigError
+from engine.config import ConfigError, load_yaml_mapping, validated
 from engine.constraints import Constraint, ConstraintError
 from engine.methods import Context, Output
 from engine.prompting import render
@@ -208,20 +207,8 @@ class TaskSpecError(ConfigError):
 def load_task(path: str | Path) -> TaskSpec:
     """Read and check a task spec file; raises TaskSpecError with one line naming the file."""
     path = Path(path)
-    if not path.is_file():
-        raise TaskSpecError(f"task spec not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise TaskSpecError(f"{path}: malformed YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise TaskSpecError(f"{path}: a task spec must be a mapping")
-    try:
-        return TaskSpec.model_validate({**raw, "source": str(path)})
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        raise TaskSpecError(f"{path}: {loc + ': ' if loc else ''}{err['msg']}") from None
+    raw = load_yaml_mapping(path, "task spec", TaskSpecError)
+    return validated(TaskSpec, {**raw, "source": str(path)}, str(path), TaskSpecError)
 
 
 # ================================================================================== the run config

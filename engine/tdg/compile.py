@@ -199,7 +199,7 @@ def compile_template(ct: CheckedTemplate, *, max_draws: int = MAX_DRAWS) -> Comp
     src = f"def _check({', '.join(nums)}):\n    return {constraint_src}\n\n"
     src += f"def _finish({finish_args}):\n{step_lines}"
     src += f"    _ans = {ex(ct.answer)}\n"
-    src += f"    _result = _fmtans(_ans, _anskind)\n"
+    src += "    _result = _fmtans(_ans, _anskind)\n"
     src += f"    _problem = {render(ct.problem)}\n"
     dot = text_const(".")
     tail = f"_join(({answer_text}, _result, {dot}))"
