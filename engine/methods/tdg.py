@@ -145,12 +145,13 @@ def _template_row(config: Config, counts: dict):
     return to_row
 
 
-def add_seed_templates(config: Config, store) -> int:
-    """Verify and commit the seed library as template rows (source='seed'); returns how many were added."""
+def add_seed_templates(config: Config, store, replica: tuple[int, int] = (0, 1)) -> int:
+    """Verify and commit the seed library as template rows (source='seed'); returns how many were added.
+    Each replica verifies only the seed templates whose keys it owns, so none is verified or counted twice."""
     raws = _seed_raws()
     done = store.done_keys("templates")
     keyed = [(stable_hash(["tdg-seed-template", r]), r) for r in raws]
-    todo = [(k, r) for k, r in keyed if k not in done]
+    todo = [(k, r) for k, r in keyed if k not in done and owns(k, replica)]
     if not todo:
         return 0
     verdicts = verify_templates([r for _, r in todo], k=config.verify_instances, seed=config.seed,
@@ -236,7 +237,7 @@ def run(config: Config, ctx: Context) -> Output:
         store.record("templates", **{f"reason_{k}" if not k.startswith("accepted") else k: v
                                      for k, v in counts.items()})
     if config.use_seed_templates:
-        add_seed_templates(config, store)
+        add_seed_templates(config, store, ctx.replica)
     store.commit()
     specs = accepted_templates(store)
     if ctx.extras.get("stop_after") == "templates":
