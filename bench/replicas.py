@@ -44,6 +44,8 @@ def run_once(config: dict, replicas: int, ray: bool) -> dict:
     generating = sum(s.get("stats", {}).get("seconds", 0.0) for s in stages.values())
     return {"replicas": replicas, "ray": ray, "wall_s": round(wall, 2), "output_tokens": tokens,
             "output_tok_per_s": round(tokens / wall, 1), "generating_s_per_replica": round(generating / replicas, 2),
+            # tokens over the time replicas spent generating (start-ups and barriers left out)
+            "generation_tok_per_s": round(tokens / (generating / replicas), 1) if generating else None,
             "overhead_s_per_replica": round(wall - generating / replicas, 2),
             "rows": manifest.get("dataset", {}).get("num_rows")}
 
