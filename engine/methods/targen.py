@@ -45,7 +45,7 @@ from pydantic_core import PydanticCustomError
 
 from engine.config import ConfigError, load_yaml_mapping, validated
 from engine.constraints import Constraint, ConstraintError
-from engine.methods import Context, Output
+from engine.methods import Context, MethodError, Output
 from engine.prompting import render
 from engine.request import Request, Result, Sampling, stable_hash
 from engine.runner import StageStats, run_stage
@@ -579,7 +579,7 @@ def run(config: Config, ctx: Context) -> Output | None:
         return None
     seeds = distinct_items(store.rows("seeds"), "seeds")
     if not seeds:
-        raise RuntimeError(f"targen: no valid instance seeds in {store.out} (see rejects/seeds/); "
+        raise MethodError(f"targen: no valid instance seeds in {store.out} (see rejects/seeds/); "
                            "raise context_requests or seeds_per_context")
 
     targets = label_targets(config.rows, list(spec.labels), config.label_distribution)
