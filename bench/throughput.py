@@ -158,8 +158,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--backend", default="guidance", choices=["guidance", "xgrammar", "outlines"],
                         help="grammar backend")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--any-whitespace", action="store_true",
-                        help="let JSON outputs hold free whitespace (the engine's default is compact JSON)")
+    parser.add_argument("--json-whitespace", choices=["compact", "any"], default=None,
+                        help="compact: no free whitespace in JSON (vLLM's disable_any_whitespace; the engine's "
+                             "default with guidance/xgrammar); any: free whitespace")
     parser.add_argument("--max-num-seqs", type=int, default=None)
     parser.add_argument("--tag", default=None)
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
@@ -167,7 +168,8 @@ def main(argv=None) -> list[dict]:
 
     from engine.backends.base import load_backend
     kwargs = {"max_num_seqs": args.max_num_seqs} if args.max_num_seqs else {}
-    kwargs["compact_json"] = not args.any_whitespace
+    if args.json_whitespace:
+        kwargs["compact_json"] = args.json_whitespace == "compact"
     backend = load_backend("vllm", args.model, grammar_backend=args.backend, **kwargs)
     results = []
     for constraint in args.constraint.split(","):
