@@ -159,8 +159,8 @@ def main(argv=None) -> list[dict]:
                         help="grammar backend")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json-whitespace", choices=["compact", "any"], default=None,
-                        help="compact: no free whitespace in JSON (vLLM's disable_any_whitespace; the engine's "
-                             "default with guidance/xgrammar); any: free whitespace")
+                        help="compact: no free whitespace in JSON (vLLM's disable_any_whitespace; guidance/xgrammar); "
+                             "any: free whitespace (the engine's default)")
     parser.add_argument("--max-num-seqs", type=int, default=None)
     parser.add_argument("--tag", default=None)
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")

@@ -71,8 +71,9 @@ class VllmBackend(Backend):
             an engine-wide setting in vLLM, honoured by the guidance and xgrammar grammar backends). Small
             models can otherwise spend their token budget on runs of spaces and newlines inside the JSON; on
             an H100 guidance was faster this way (9,243 vs 7,911 output tok/s, gpu/README.md), and on this CPU 44/96
-            JSON outputs of SmolLM2-135M were complete within 96 tokens instead of 5/96 (bench/results/). None
-            (default): on wherever the grammar backend supports it.
+            JSON outputs of SmolLM2-135M were complete within 96 tokens instead of 5/96 (bench/results/). Off
+            by default: with it on, GLAN's model-written taxonomy lists from SmolLM2 were all rejected in a test
+            run, so turn it on per run config (`engine: {compact_json: true}`) where it helps.
         engine_kwargs: passed to `vllm.LLM` as they are.
     """
 
@@ -80,7 +81,7 @@ class VllmBackend(Backend):
 
     def __init__(self, model_dir: Path, grammar_backend: str = DEFAULT_GRAMMAR_BACKEND, in_flight: int | None = None,
                  max_model_len: int = 4096, kv_cache_gib: int = 2, max_num_seqs: int | None = None,
-                 gpu_memory_utilization: float | None = None, seed: int = 0, compact_json: bool | None = None,
+                 gpu_memory_utilization: float | None = None, seed: int = 0, compact_json: bool = False,
                  **engine_kwargs) -> None:
         set_offline()
         try:
@@ -90,9 +91,7 @@ class VllmBackend(Backend):
             raise BackendError(f"vLLM is not installed ({e}); install the 'cpu' or 'gpu' extra") from None
         self.model_dir = Path(model_dir)
         self.grammar_backend = grammar_backend
-        if compact_json is None:
-            compact_json = grammar_backend in ("guidance", "xgrammar")
-        self.compact_json = compact_json
+        self.compact_json = bool(compact_json)
         self.on_cpu = not torch.cuda.is_available()
         structured = {"backend": grammar_backend}
         if compact_json:
