@@ -10,13 +10,13 @@ runs: the first bad line is one clear error naming the file and line.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from engine.constraints import Constraint, ConstraintError
+from engine.jsonl import read_objects
 from engine.request import Request, Sampling, stable_hash
 
 
@@ -62,22 +62,13 @@ def read_lines(path: Path) -> list[PromptLine]:
     if not path.is_file():
         raise InputError(f"prompts file not found: {path}")
     lines: list[PromptLine] = []
-    with path.open() as f:
-        for number, text in enumerate(f, 1):
-            if not text.strip():
-                continue
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{number}: malformed JSON ({e.msg})") from None
-            if not isinstance(value, dict):
-                raise InputError(f"{path}:{number}: each line must be a JSON object")
-            try:
-                lines.append(PromptLine.model_validate(value))
-            except ValidationError as e:
-                first = e.errors()[0]
-                where = ".".join(str(p) for p in first["loc"]).replace("schema_", "schema")
-                raise InputError(f"{path}:{number}: {where + ': ' if where else ''}{first['msg']}") from None
+    for number, value in read_objects(path, InputError):
+        try:
+            lines.append(PromptLine.model_validate(value))
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]).replace("schema_", "schema")
+            raise InputError(f"{path}:{number}: {where + ': ' if where else ''}{first['msg']}") from None
     if not lines:
         raise InputError(f"prompts file is empty: {path}")
     return lines

@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 import pyarrow.parquet as pq
 
+from engine.jsonl import read_objects
 from engine.quality.dedup import words
 
 
@@ -77,17 +78,8 @@ def _cell_text(value: Any) -> str:
 
 
 def _jsonl_records(path: Path) -> Iterator[dict]:
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise QualityError(f"decontam file {path}: line {lineno} is not JSON ({e})") from None
-            if not isinstance(record, dict):
-                raise QualityError(f"decontam file {path}: line {lineno} is not a JSON object")
-            yield record
+    for _, record in read_objects(path, QualityError):
+        yield record
 
 
 def check_file(path: str | Path, columns: list[str]) -> None:
