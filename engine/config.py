@@ -12,6 +12,7 @@ Every field is checked (unknown fields are errors, not warnings) before any mode
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -137,14 +138,31 @@ def method_config(config: RunConfig):
         raise ConfigError(_first_error(e, f"params of method {config.method}")) from None
 
 
+def file_identity(path: str) -> dict | str:
+    """An input file as the run's identity sees it: its name and the sha256 of its bytes, not where it lies, so
+    a run resumes from another working folder or a moved checkout, and refuses to when the file's content
+    changed. A path that is not a readable file stays as it is (the method reports it)."""
+    try:
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return path
+    return {"file": Path(path).name, "sha256": digest}
+
+
 def run_payload(config: RunConfig, params=None, model_id: dict | None = None) -> dict:
     """What identifies a run (hashed by the store): the config with the method's validated params and the
     model's fingerprint, without the settings that do not change what is generated (store, parallel)."""
-    from engine import models
+    from engine import methods, models
     params = params if params is not None else method_config(config)
     model_id = model_id or models.identity(models.prepare(config.model))
     payload = config.model_dump(mode="json")
     payload["params"] = params.model_dump(mode="json")
+    for name in getattr(methods.load(config.method), "FILE_PARAMS", ()):
+        if isinstance(payload["params"].get(name), str):
+            payload["params"][name] = file_identity(payload["params"][name])
+    for f in (payload.get("quality") or {}).get("decontam_files") or []:
+        if isinstance(f, dict) and isinstance(f.get("path"), str):
+            f["path"] = file_identity(f["path"])
     payload["model_fingerprint"] = model_id["fingerprint"]
     payload.pop("store", None)  # commit cadence does not change what is generated
     payload.pop("parallel", None)  # nor does how many replicas generate it: resume with any N

@@ -38,3 +38,88 @@ def sdg(*args: str, env: dict | None = None, timeout: int = 900):
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env=full_env)
+
+
+# ------------------------------------------------------------------------------ replicas of a method, in threads
+
+def committed_keys(out: Path) -> dict[str, list[str]]:
+    """Every committed key of every stage (rows and rejects), read from the shard files: a key listed twice
+    was committed twice."""
+    import pyarrow.parquet as pq
+    keys: dict[str, list[str]] = {}
+    for kind in ("stages", "rejects"):
+        for f in sorted((out / kind).glob("*/*.parquet")):
+            if not f.parent.name.startswith("_"):
+                keys.setdefault(f.parent.name, []).extend(pq.read_table(f).column("key").to_pylist())
+    return keys
+
+
+class SharedBackend:
+    """The session's one real engine lent to replica threads: one replica generates at a time (the lock is held
+    for a whole generate call, so each replica's share is one batch), and each replica's requests are recorded.
+    Every output still comes from the model."""
+
+    def __init__(self, inner, lock, asked: list) -> None:
+        self.inner, self.lock, self.asked = inner, lock, asked
+
+    def preflight(self, requests):
+        with self.lock:
+            return self.inner.preflight(requests)
+
+    def generate(self, requests):
+        requests = list(requests)
+        self.asked.extend(requests)
+        with self.lock:
+            results = list(self.inner.generate(requests))
+        yield from results
+
+    def identity(self) -> dict:
+        return self.inner.identity()
+
+
+def run_replica_threads(module, params, payload: dict, out: Path, backend, *, replicas: int = 2,
+                        model_name: str = "smollm2", quality=None, timeout: float = 1200) -> tuple[dict, dict]:
+    """Replicas (i, N) of one launch of `module` as threads sharing `backend`, each with its own store writer
+    and the same stage meetings (engine.parallel.ReplicaSync) that replica processes use; replica 0 publishes.
+    Returns (manifest, {replica index: [requests it generated]})."""
+    import threading
+    import uuid
+    from engine.methods import Context
+    from engine.parallel import ReplicaSync
+    from engine.quality import QualityConfig
+    from engine.store import RunStore
+
+    quality = quality or QualityConfig()
+    session, lock = f"t{uuid.uuid4().hex[:8]}", threading.Lock()
+    stores = [RunStore.open(out, payload, writer=f"r{i}") for i in range(replicas)]
+    asked: dict[int, list] = {i: [] for i in range(replicas)}
+    result: dict = {}
+    errors: list[BaseException] = []
+
+    def replica(i: int) -> None:
+        store = stores[i]
+        try:
+            sync = ReplicaSync(store, (i, replicas), session)
+            ctx = Context(store=sync.store, load_backend=lambda: SharedBackend(backend, lock, asked[i]), seed=0,
+                          model_name=model_name, replica=(i, replicas), progress=False,
+                          extras={"quality": quality})
+            output = module.run(params, ctx)
+            store.commit()
+            sync.finish()
+            if i == 0:
+                result["manifest"] = store.finalize(output.final_stage, quality=quality,
+                                                    text_fields=output.text_fields)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
+            errors.append(e)
+        finally:
+            store.close()
+
+    threads = [threading.Thread(target=replica, args=(i,), daemon=True) for i in range(replicas)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    if errors:
+        raise errors[0]
+    assert not any(t.is_alive() for t in threads), "a replica is still waiting (a meeting one replica skipped?)"
+    return result["manifest"], asked

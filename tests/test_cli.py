@@ -122,3 +122,30 @@ def test_rerun_resumes_and_changed_config_is_refused(tmp_path):
     separate = sdg("generate", "--prompts", str(prompts), "--out", str(out), "--backend", "transformers",
                    "--temperature", "0.2", "--new")
     assert separate.returncode == 0 and (tmp_path / "out-2" / "data").is_dir()
+
+
+@pytest.mark.parametrize("config, data", [("tdg.yaml", "data/tdg/examples.jsonl"),
+                                          ("glan.yaml", "data/glan/taxonomy.yaml")])
+def test_input_files_are_part_of_the_run_by_content_not_path(tmp_path, monkeypatch, config, data):
+    """The same config in a moved checkout, loaded from another working folder, is the same run; the same
+    path with other content is not."""
+    from conftest import ROOT
+    from engine.config import load_run_config, run_payload
+    from engine.store import config_hash
+    copies = []
+    for name in ("a", "b"):
+        (tmp_path / name / "configs").mkdir(parents=True)
+        (tmp_path / name / data).parent.mkdir(parents=True)
+        (tmp_path / name / "configs" / config).write_text((ROOT / "configs" / config).read_text())
+        (tmp_path / name / data).write_bytes((ROOT / data).read_bytes())
+        copies.append(tmp_path / name)
+    monkeypatch.chdir(copies[0])
+    here = run_payload(load_run_config(Path("configs") / config), model_id={"fingerprint": "m"})
+    monkeypatch.chdir(tmp_path)
+    moved = run_payload(load_run_config(copies[1] / "configs" / config), model_id={"fingerprint": "m"})
+    assert config_hash(here) == config_hash(moved)
+    assert str(tmp_path) not in json.dumps([here, moved])  # no path left in the run's identity
+    with open(copies[1] / data, "a") as f:
+        f.write("\n")  # one more byte
+    edited = run_payload(load_run_config(copies[1] / "configs" / config), model_id={"fingerprint": "m"})
+    assert config_hash(edited) != config_hash(here)

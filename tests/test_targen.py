@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 import yaml
 
-from conftest import ROOT, sdg
+from conftest import ROOT, committed_keys, run_replica_threads, sdg
 from engine.methods import Context, targen
 from engine.quality import QualityConfig
 from engine.store import RunStore
@@ -163,6 +163,30 @@ def test_published_dataset_has_the_configured_rows(copa):
     table = pq.read_table(copa["out"] / "data")
     assert table.num_rows == copa["config"].rows
     assert {"premise", "question", "choice1", "choice2", "label", "seed_key", "context_key"} <= set(table.column_names)
+
+
+def test_two_replicas_split_the_steps_and_record_the_dataset_once(vllm_backend, tmp_path):
+    """Replicas (0, 2) and (1, 2) of one launch, as threads sharing the session's engine: each generates only
+    its own keys, every step reads the other replica's rows (contexts -> seeds -> instances -> corrections, in
+    rounds), no key is committed twice, the balance holds, the dataset figures are recorded once, and a
+    one-replica rerun asks the model nothing."""
+    from engine.runner import owns
+    config = targen.Config.model_validate(PARAMS)
+    payload = {"method": "targen", "params": config.model_dump(mode="json")}
+    out = tmp_path / "copa"
+    manifest, asked = run_replica_threads(targen, config, payload, out, vllm_backend)
+    for i in (0, 1):
+        assert asked[i] and all(owns(r.key, (i, 2)) for r in asked[i])
+    committed = committed_keys(out)
+    for stage, keys in committed.items():
+        assert len(keys) == len(set(keys)), f"stage {stage}: a key committed twice"
+    stage_of = {k: stage for stage, keys in committed.items() for k in keys}
+    assert {stage_of[r.key] for r in asked[0] + asked[1]} == {"contexts", "seeds", "instances", "corrections"}
+    stats = manifest["stages"]["dataset"]["stats"]
+    assert manifest["dataset"]["num_rows"] == stats["rows"] == config.rows  # recorded by one replica, not two
+    assert stats["rows_choice1"] == stats["rows_choice2"] == 3
+    spy, output = _run(out, config, vllm_backend)
+    assert spy.keys == [] and output.final_stage == "dataset"
 
 
 # ---------------------------------------------------------------------------------------------- specs, no model

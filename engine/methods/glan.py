@@ -24,8 +24,8 @@ Every model stage goes through the runner and the run store, so each resumes on 
 never asked again. Request keys hash the rendered prompt (which names the parents: discipline, subject,
 syllabus), the schema, the sampling and a seed derived from the run seed and the request's identity.
 
-Taxonomy edits and resume: the run config holds `taxonomy_file`'s path, not OUT/taxonomy.yaml's contents, so
-editing OUT/taxonomy.yaml never changes the config hash. Subjects requests are keyed by discipline path
+Taxonomy edits and resume: the run's identity holds `taxonomy_file`'s content, not OUT/taxonomy.yaml's, so
+editing OUT/taxonomy.yaml never changes the config hash (editing the source file does: edit the run's copy). Subjects requests are keyed by discipline path
 (field / sub-field / discipline, in the prompt): an unchanged discipline is skipped, an edited or added one
 is generated, a removed one is ignored (its committed rows stay in the store but no later stage reads them).
 Later stages follow from their parents the same way. The question -> syllabus assignment depends on the whole
@@ -53,7 +53,7 @@ from engine.constraints import Constraint
 from engine.methods import Context, Output
 from engine.prompting import render
 from engine.request import Request, Result, Sampling, stable_hash
-from engine.runner import StageStats, run_stage
+from engine.runner import StageStats, owns, run_stage
 
 GRAMMARS = Path(__file__).resolve().parents[2] / "grammars" / "glan"
 LEVELS = ("high school", "undergraduate", "graduate")  # the enum of grammars/glan/subjects.schema.json
@@ -127,6 +127,10 @@ class Config(BaseModel):
         if v is not None and not v.is_file():
             raise ValueError(f"taxonomy file not found: {v}")
         return v
+
+
+# Hashed into the run's identity by content, not path (engine.config.file_identity).
+FILE_PARAMS = ("taxonomy_file",)
 
 
 def resolve_paths(params: dict, base: Path) -> dict:
@@ -634,13 +638,13 @@ def qa_rounds(config: Config, ctx: Context, pool: list[dict], answerer: AnswerBa
             stop = start + max(1, math.ceil((config.num_rows - len(kept)) * config.overprovision))
             questions = question_requests(config, ctx, pool, stop)
             new = questions[start:]
-            run_stage(ctx.backend if _undone(ctx.store, "questions", new) else None, ctx.store, "questions", new,
+            run_stage(ctx.backend if _undone(ctx, "questions", new) else None, ctx.store, "questions", new,
                       _question_row, replica=ctx.replica, progress=ctx.progress)
             asked = _rows_of(ctx.store, "questions", questions)
             answers = answer_requests(config, ctx, answerer.model, asked)
             todo = [r for r in answers if r.meta["question_index"] >= start]
             if todo:
-                s = run_stage(answerer.get() if _undone(ctx.store, "answers", todo) else None, ctx.store,
+                s = run_stage(answerer.get() if _undone(ctx, "answers", todo) else None, ctx.store,
                               "answers", todo, _answer_row, replica=ctx.replica, progress=ctx.progress)
                 _add_stats(stats, s)
             by_question = {a["question_key"]: a for a in _rows_of(ctx.store, "answers", answers)}
@@ -665,9 +669,6 @@ def run(config: Config, ctx: Context) -> Output | None:
         close = difflib.get_close_matches(stop_after, STOP_POINTS, n=1)
         raise ConfigError(f"GLAN cannot stop after {stop_after!r}{f'; did you mean {close[0]!r}?' if close else ''}"
                           f" (stages it stops after: {', '.join(STOP_POINTS)})")
-    if ctx.replica[1] > 1:
-        # Each stage reads its parents' rows; another replica's may not be committed yet. Needs a stage barrier.
-        raise ConfigError("GLAN runs as one replica for now (its stages read each other's rows); drop --replica")
     store = ctx.store
     answerer = AnswerBackend(config, ctx)  # a bad answer_model path fails now, not after the syllabus stage
     disciplines, taxonomy_sha256 = taxonomy_stage(config, ctx)
@@ -691,9 +692,10 @@ def run(config: Config, ctx: Context) -> Output | None:
     done = store.done_keys("rows")
     added = [row for row in rows if row["key"] not in done]
     for row in added:
-        store.add("rows", row)
-    if added:  # record() sums across reruns: count only what this run added
-        store.record("rows", added=len(added))
+        store.add("rows", row)  # with replicas, a no-op for keys another replica owns (and adds)
+    mine = sum(owns(row["key"], ctx.replica) for row in added)
+    if mine:  # record() sums across reruns and replicas: count only what this replica added now
+        store.record("rows", added=mine)
     store.commit()
     if len(rows) < config.num_rows:
         print(f"warning: GLAN reached {len(rows)} of {config.num_rows} rows in {config.max_rounds} rounds; "
@@ -737,7 +739,7 @@ def with_attempts(ctx: Context, stage: str, items: list, build: Callable[[object
         if not todo:
             break
         requests = [build(it, attempt) for it in todo]
-        s = run_stage(ctx.backend if _undone(ctx.store, stage, requests) else None, ctx.store, stage, requests,
+        s = run_stage(ctx.backend if _undone(ctx, stage, requests) else None, ctx.store, stage, requests,
                       to_row, replica=ctx.replica, progress=ctx.progress)
         _add_stats(stats, s)
         rows = {r["key"]: r for r in ctx.store.rows(stage)}
@@ -747,10 +749,11 @@ def with_attempts(ctx: Context, stage: str, items: list, build: Callable[[object
     return accepted, stats
 
 
-def _undone(store, stage: str, requests: Iterable[Request]) -> bool:
-    """Whether any request still needs the model (so a fully resumed stage never loads one)."""
-    done = store.done_keys(stage)
-    return any(r.key not in done for r in requests)
+def _undone(ctx: Context, stage: str, requests: Iterable[Request]) -> bool:
+    """Whether any request this replica owns still needs the model (so a fully resumed stage, or a replica
+    with nothing left of it, never loads one)."""
+    done = ctx.store.done_keys(stage)
+    return any(r.key not in done and owns(r.key, ctx.replica) for r in requests)
 
 
 def _rows_of(store, stage: str, requests: list[Request]) -> list[dict]:

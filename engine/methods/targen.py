@@ -530,11 +530,13 @@ def publish(config: Config, ctx: Context, targets: dict[str, int], rounds: int) 
     """Stage 'dataset': the selected rows and the rejects (with reasons), and its figures for the manifest
     (recorded once, when the stage is first written)."""
     store = ctx.store
+    # Read before store.rows: with replicas, rows() is a meeting point, so `done` is this stage as it was before
+    # any replica of this launch wrote to it. Replica 0 alone records the figures (the manifest sums replicas).
+    done = store.done_keys("dataset")
     instances, corrections = store.rows("instances"), store.rows("corrections")
     rows = candidates(config, ctx, instances, corrections)
     kept, rejects = select(config, rows, targets, ctx.extras.get("quality"))
-    done = store.done_keys("dataset")
-    if not done:
+    if not done and ctx.replica[0] == 0:
         counts = {lb: sum(r["label"] == lb for r in kept) for lb in config.task.labels}
         n = max(len(kept), 1)
         checked = max(len(corrections), 1)

@@ -76,6 +76,10 @@ class Config(BaseModel):
         return v
 
 
+# Hashed into the run's identity by content, not path (engine.config.file_identity).
+FILE_PARAMS = ("examples_file",)
+
+
 def resolve_paths(params: dict, base: Path) -> dict:
     """examples_file relative to the config file's folder."""
     p = dict(params)
