@@ -1,13 +1,14 @@
 """Scale-out: output tokens/s with 1, 2, 4 replicas, as processes and as Ray actors, side by side in one run.
 
     sdg bench replicas [--config configs/echo.yaml] [--replicas 1,2,4] [--backend vllm|transformers]
-                       [--prompts N] [--max-tokens T] [--tag NAME]
+                       [--prompts N] [--max-tokens T] [--oversubscribe] [--tag NAME]
 
 Each configuration is a real `sdg run CONFIG --out TMP --replicas N [--ray local]` in a fresh run dir, timed
 from the outside. Generation time comes from the manifest (seconds each replica spent inside run_stage, summed
 over replicas); what is left of the wall time, per replica, is start-up and coordination (engine loads,
 waiting at stage barriers, publishing). The Ray path's coordination cost is its wall time minus the processes
-path's at the same N. Replica counts above what the machine holds (cores, GPUs) are skipped with a note.
+path's at the same N. Replica counts above the core count are skipped with a note, or run with
+--oversubscribe (replicas then share cores; the runs are marked `oversubscribed`).
 Writes bench/results/replicas-<tag>.json.
 """
 from __future__ import annotations
@@ -58,6 +59,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--prompts", type=int, default=None)
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--no-ray", action="store_true")
+    parser.add_argument("--oversubscribe", action="store_true",
+                        help="also run replica counts above the core count (replicas then share cores: this "
+                             "measures coordination and contention, not scaling)")
     parser.add_argument("--tag", default="cpu")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
@@ -72,11 +76,11 @@ def main(argv=None) -> dict:
     cores = os.cpu_count() or 1
     runs, skipped = [], []
     for n in (int(x) for x in args.replicas.split(",")):
-        if n > cores:
-            skipped.append(f"{n} replicas: only {cores} cores here")
+        if n > cores and not args.oversubscribe:
+            skipped.append(f"{n} replicas: only {cores} cores here (--oversubscribe runs it anyway)")
             continue
         for ray in ([False] if args.no_ray else [False, True]):
-            runs.append(run_once(config, n, ray))
+            runs.append({**run_once(config, n, ray), "oversubscribed": n > cores})
             print(json.dumps(runs[-1]))
     one = next((r for r in runs if r["replicas"] == 1 and not r["ray"] and "error" not in r), None)
     for r in runs:

