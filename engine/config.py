@@ -208,7 +208,7 @@ def run_method(config: RunConfig, out: Path, *, new: bool = False, stop_after: s
     ctx = methods.Context(
         store=sync.store if sync else store, seed=config.seed, model_name=model_id["fingerprint"], replica=replica,
         progress=progress, load_backend=sync.serialized(start_backend) if sync else start_backend,
-        extras={"stop_after": stop_after, "quality": quality})
+        extras={"stop_after": stop_after, "quality": quality}, **({"serialized": sync.serialized} if sync else {}))
     try:
         output = module.run(params, ctx)
     finally:

@@ -48,6 +48,9 @@ class Context:
     replica: tuple[int, int] = (0, 1)
     progress: bool = True
     extras: dict = field(default_factory=dict)
+    serialized: Callable[[Callable[[], Any]], Callable[[], Any]] = lambda start: start
+    """Wraps an engine start-up of a second backend (GLAN's answer_model) like the run's own: engines sharing
+    a GPU start one at a time (engine.parallel.ReplicaSync.serialized)."""
 
     @cached_property
     def backend(self):

@@ -587,9 +587,10 @@ class AnswerBackend:
         if self.backend is None:
             from engine.backends.base import DEFAULT_GRAMMAR_BACKEND, load_backend
             run = self.ctx.store.config
-            self.backend = load_backend(run.get("backend") or "vllm", str(self.model_dir),
-                                        grammar_backend=run.get("grammar_backend") or DEFAULT_GRAMMAR_BACKEND,
-                                        seed=self.ctx.seed, **(run.get("engine") or {}))
+            self.backend = self.ctx.serialized(lambda: load_backend(
+                run.get("backend") or "vllm", str(self.model_dir),
+                grammar_backend=run.get("grammar_backend") or DEFAULT_GRAMMAR_BACKEND,
+                seed=self.ctx.seed, **(run.get("engine") or {})))()
             self.owned = True
         return self.backend
 
