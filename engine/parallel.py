@@ -44,7 +44,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 log = logging.getLogger(__name__)
 
@@ -256,15 +256,20 @@ class ReplicaStore:
 
     def __init__(self, store, replica: tuple[int, int], barrier: Barrier) -> None:
         self._store, self._replica, self._barrier = store, replica, barrier
+        self._claimed: set[str] = set()
 
     def __getattr__(self, name: str):
         return getattr(self._store, name)
+
+    def claim(self, keys: Iterable[str]) -> None:
+        """Keys this replica generates though another owns them by hash (run_stage with `group`)."""
+        self._claimed.update(keys)
 
     def _mine(self, row: Any) -> bool:
         key = row.get("key") if isinstance(row, dict) else None
         if not isinstance(key, str):
             return True  # a malformed row: the store says why
-        return _owner(key, self._replica[1]) == self._replica[0]
+        return key in self._claimed or _owner(key, self._replica[1]) == self._replica[0]
 
     def add(self, stage: str, row: dict) -> None:
         if self._mine(row):
@@ -274,9 +279,13 @@ class ReplicaStore:
         if self._mine(row):
             self._store.reject(stage, row, reason)
 
-    def rows(self, stage: str) -> list[dict]:
+    def rows(self, stage: str, *, wait: bool = True) -> list[dict]:
+        """Every committed row of `stage`; with `wait`, after every replica has committed its share. Without,
+        this replica's own share is complete but the others' may not be (a method reading rows of its own
+        groups only)."""
         self._store.commit()
-        self._barrier.wait(f"rows.{stage}")
+        if wait:
+            self._barrier.wait(f"rows.{stage}")
         return self._store.rows(stage)
 
 

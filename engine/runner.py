@@ -87,11 +87,14 @@ class Progress:
 
 
 def run_stage(backend: Backend, store, stage: str, requests: Iterable[Request], to_row: ToRow = result_row, *,
-              replica: tuple[int, int] = (0, 1), progress: bool = True) -> StageStats:
+              replica: tuple[int, int] = (0, 1), progress: bool = True,
+              group: Callable[[Request], str] | None = None) -> StageStats:
     """Generate every request of `stage` not yet committed, committing rows and rejects as they finish.
 
     Returns the stage's StageStats; the same figures are added to the manifest through `store.record`.
     A request whose key is already committed (as a row or a reject) is never sent to the model again.
+    With replicas, a request goes to the replica that owns its key, or, with `group` (request -> hex digest),
+    the one that owns its group: requests of one group (GLAN: one discipline) then stay on one replica.
     """
     requests = list(requests)
     stats = StageStats(stage=stage, total=len(requests))
@@ -101,11 +104,13 @@ def run_stage(backend: Backend, store, stage: str, requests: Iterable[Request], 
     for request in requests:
         if request.key in done:
             stats.skipped += 1
-        elif owns(request.key, replica) and request.key not in seen:
+        elif owns(group(request) if group else request.key, replica) and request.key not in seen:
             seen.add(request.key)
             todo.append(request)
     if not todo:
         return stats
+    if group is not None and hasattr(store, "claim"):
+        store.claim(r.key for r in todo)  # a replica's store commits keys it generated, whoever owns them by hash
     backend.preflight(todo)
     by_key = {r.key: r for r in todo}
     bar = Progress(stage, len(todo), enabled=progress)

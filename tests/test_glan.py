@@ -320,9 +320,9 @@ def test_model_written_taxonomy(tmp_path, vllm_backend):
 
 def test_two_replicas_split_every_stage_and_publish_the_configured_rows(tmp_path, vllm_backend, model_dir):
     """Replicas (0, 2) and (1, 2) of one launch, as threads sharing the session's engine: each generates only
-    the keys it owns, every stage's parents are complete when read (subjects -> syllabus -> questions ->
-    answers cross replicas), no key is committed twice, the row count is recorded once, and a one-replica
-    rerun of the finished run asks the model nothing and publishes the same rows."""
+    its own share (whole disciplines in the subjects and syllabus stages, keys in questions and answers, which
+    draw from every replica's syllabi), no key is committed twice, the row count is recorded once, and a
+    one-replica rerun of the finished run asks the model nothing and publishes the same rows."""
     from engine import models
     from engine.runner import owns
     config = small_config(tmp_path, model_dir)
@@ -333,8 +333,15 @@ def test_two_replicas_split_every_stage_and_publish_the_configured_rows(tmp_path
 
     for i in (0, 1):
         assert asked[i], f"replica {i} generated nothing"
-        assert all(owns(r.key, (i, 2)) for r in asked[i])  # only its own share
+        assert all(owns(r.key, (i, 2)) for r in asked[i] if r.meta["stage"] in ("questions", "answers"))
     assert {"subjects", "syllabus", "questions", "answers"} <= {r.meta["stage"] for r in asked[0] + asked[1]}
+    # subjects and syllabi are split by discipline: each discipline's requests (every attempt) on one replica
+    by_discipline = {}
+    for i in (0, 1):
+        for r in asked[i]:
+            if r.meta["stage"] in ("subjects", "syllabus"):
+                by_discipline.setdefault(r.meta["discipline"], set()).add(i)
+    assert set(by_discipline) == {"Classical Mechanics", "Ethics"} and all(len(v) == 1 for v in by_discipline.values())
     for stage, keys in committed_keys(out).items():
         assert len(keys) == len(set(keys)), f"stage {stage}: a key committed twice"
     assert manifest["dataset"]["num_rows"] == config.num_rows

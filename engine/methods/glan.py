@@ -296,9 +296,10 @@ def generate_taxonomy(config: Config, ctx: Context) -> list[Discipline]:
 
 # ================================================================================================ 2. subjects
 
-def subjects_stage(config: Config, ctx: Context, disciplines: list[Discipline]) -> list[dict]:
+def subjects_stage(config: Config, ctx: Context, disciplines: list[Discipline], own: bool = False) -> list[dict]:
     """Stage 2: `subject_samples` subject lists per discipline, merged and deduplicated by (casefolded) name
-    in sample order; the first `subjects_per_discipline` of each discipline, disciplines in taxonomy order."""
+    in sample order; the first `subjects_per_discipline` of each discipline, disciplines in taxonomy order.
+    `own`: only the disciplines this replica owns, without waiting for the other replicas."""
     constraint = SCHEMAS["subjects"]
     items = [(d, i) for d in disciplines for i in range(config.subject_samples)]
 
@@ -317,7 +318,8 @@ def subjects_stage(config: Config, ctx: Context, disciplines: list[Discipline]) 
         subjects = clean_subjects(result.parsed["subjects"])
         return {**row, "subjects": subjects}, (None if subjects else "no_usable_subject")
 
-    accepted, _ = with_attempts(ctx, "subjects", items, build, to_row, config.attempts)
+    accepted, _ = with_attempts(ctx, "subjects", items, build, to_row, config.attempts,
+                                group_of=(lambda it: _group(_discipline(it[0]))) if own else None)
     out: list[dict] = []
     for d in disciplines:
         merged: dict[str, dict] = {}
@@ -348,11 +350,12 @@ def clean_subjects(subjects: list[dict]) -> list[dict]:
 
 # ================================================================================================ 3. syllabus
 
-def syllabus_stage(config: Config, ctx: Context, subjects: list[dict]) -> list[dict]:
+def syllabus_stage(config: Config, ctx: Context, subjects: list[dict], own: bool = False) -> list[dict]:
     """Stage 3: one syllabus per subject (up to `attempts` tries). Key concepts are deduplicated across the whole
     syllabus (first occurrence kept), so a sampled concept set never names one concept twice; a syllabus left
     with fewer than two sessions that have key concepts is rejected ('repeated_concepts': a small model
-    copies the same concepts into every session), since no two-session draw could come from it."""
+    copies the same concepts into every session), since no two-session draw could come from it.
+    `own`: only the subjects of disciplines this replica owns, without waiting for the other replicas."""
     constraint = SCHEMAS["syllabus"]
     by_id = {_subject_id(s): s for s in subjects}
 
@@ -372,7 +375,8 @@ def syllabus_stage(config: Config, ctx: Context, subjects: list[dict]) -> list[d
             return {**row, "sessions": sessions}, "repeated_concepts"
         return {**row, "sessions": sessions}, None
 
-    accepted, _ = with_attempts(ctx, "syllabus", list(by_id), build, to_row, config.attempts)
+    accepted, _ = with_attempts(ctx, "syllabus", list(by_id), build, to_row, config.attempts,
+                                group_of=(lambda sid: _group(by_id[sid])) if own else None)
     return [{**by_id[sid], "sessions": accepted[sid]["sessions"], "syllabus_key": accepted[sid]["key"]}
             for sid in by_id if sid in accepted]
 
@@ -678,10 +682,18 @@ def run(config: Config, ctx: Context) -> Output | None:
             print(f"taxonomy: {store.out / 'taxonomy.yaml'} ({len(disciplines)} disciplines); edit it, then rerun "
                   "the same command to continue", file=sys.stderr)
         return None
-    subjects = subjects_stage(config, ctx, disciplines)
+    # A discipline's subjects and syllabi need nothing from other disciplines: with replicas, each replica
+    # takes whole disciplines through both stages without waiting for the others, then all of them meet once
+    # and read every discipline's (committed) rows for the questions, which draw from the whole pool.
+    own = ctx.replica[1] > 1
+    subjects = subjects_stage(config, ctx, disciplines, own=own)
     if stop_after == "subjects":
         return None
-    syllabi = syllabus_stage(config, ctx, subjects)
+    syllabi = syllabus_stage(config, ctx, subjects, own=own)
+    if own:
+        ctx.store.rows("syllabus")  # the one meeting: from here on, every discipline's requests are committed
+        subjects = subjects_stage(config, ctx, disciplines)  # so these generate nothing: they read
+        syllabi = syllabus_stage(config, ctx, subjects)
     if stop_after == "syllabus":
         return None
     if not syllabi:
@@ -729,10 +741,16 @@ def _base_row(request: Request, result: Result) -> tuple[dict, str | None]:
 
 
 def with_attempts(ctx: Context, stage: str, items: list, build: Callable[[object, int], Request],
-                  to_row, attempts: int) -> tuple[dict, StageStats]:
+                  to_row, attempts: int, group_of: Callable[[object], str] | None = None) -> tuple[dict, StageStats]:
     """Ask `build(item, attempt)` for every item, then again (attempt 1, 2, ... < `attempts`, new seeds) for the
     items with no accepted row yet. Returns {item: accepted row} and the stage's summed stats. Deterministic on
-    resume: each attempt's requests are rebuilt and the committed ones skipped."""
+    resume: each attempt's requests are rebuilt and the committed ones skipped.
+
+    With `group_of` (item -> hex digest; GLAN: its discipline) and several replicas, each replica takes only the
+    items of the groups it owns, every attempt of them, and reads back only its own rows: no replica waits for
+    another, and the result holds this replica's items only."""
+    if group_of is not None:
+        items = [it for it in items if owns(group_of(it), ctx.replica)]
     accepted: dict = {}
     stats = StageStats(stage=stage)
     for attempt in range(attempts):
@@ -740,21 +758,26 @@ def with_attempts(ctx: Context, stage: str, items: list, build: Callable[[object
         if not todo:
             break
         requests = [build(it, attempt) for it in todo]
-        s = run_stage(ctx.backend if _undone(ctx, stage, requests) else None, ctx.store, stage, requests,
-                      to_row, replica=ctx.replica, progress=ctx.progress)
+        group = None
+        if group_of is not None:
+            groups = {r.key: group_of(it) for it, r in zip(todo, requests)}
+            group = lambda request: groups[request.key]  # noqa: E731 - this attempt's requests only
+        s = run_stage(ctx.backend if _undone(ctx, stage, requests, group) else None, ctx.store, stage, requests,
+                      to_row, replica=ctx.replica, progress=ctx.progress, group=group)
         _add_stats(stats, s)
-        rows = {r["key"]: r for r in ctx.store.rows(stage)}
+        rows = {r["key"]: r for r in ctx.store.rows(stage, wait=group_of is None)}
         for it, r in zip(todo, requests):
             if r.key in rows:
                 accepted[it] = rows[r.key]
     return accepted, stats
 
 
-def _undone(ctx: Context, stage: str, requests: Iterable[Request]) -> bool:
+def _undone(ctx: Context, stage: str, requests: Iterable[Request],
+            group: Callable[[Request], str] | None = None) -> bool:
     """Whether any request this replica owns still needs the model (so a fully resumed stage, or a replica
     with nothing left of it, never loads one)."""
     done = ctx.store.done_keys(stage)
-    return any(r.key not in done and owns(r.key, ctx.replica) for r in requests)
+    return any(r.key not in done and owns(group(r) if group else r.key, ctx.replica) for r in requests)
 
 
 def _rows_of(store, stage: str, requests: list[Request]) -> list[dict]:
@@ -772,6 +795,11 @@ def _add_stats(total: StageStats, s: StageStats) -> None:
 
 def _discipline(d: Discipline) -> dict:
     return {"field": d.field, "subfield": d.subfield, "discipline": d.name}
+
+
+def _group(d: dict) -> str:
+    """The replica partition of stages 2-3: a discipline's (field, sub-field, discipline) as a hex digest."""
+    return stable_hash(["glan-discipline", d["field"], d["subfield"], d["discipline"]])
 
 
 def _subject_id(s: dict) -> str:
