@@ -25,10 +25,10 @@ never asked again. Request keys hash the rendered prompt (which names the parent
 syllabus), the schema, the sampling and a seed derived from the run seed and the request's identity.
 
 Taxonomy edits and resume: the run's identity holds `taxonomy_file`'s content, not OUT/taxonomy.yaml's, so
-editing OUT/taxonomy.yaml never changes the config hash (editing the source file does: edit the run's copy). Subjects requests are keyed by discipline path
-(field / sub-field / discipline, in the prompt): an unchanged discipline is skipped, an edited or added one
-is generated, a removed one is ignored (its committed rows stay in the store but no later stage reads them).
-Later stages follow from their parents the same way. The question -> syllabus assignment depends on the whole
+editing OUT/taxonomy.yaml never changes the config hash (editing the source file does: edit the run's copy).
+Subjects requests are keyed by discipline path (field / sub-field / discipline, in the prompt): an unchanged
+discipline is skipped, an edited or added one is generated, a removed one is ignored (its committed rows stay in
+the store but no later stage reads them). Later stages follow from their parents the same way. The question -> syllabus assignment depends on the whole
 pool of syllabi, so an edit made after the questions stage re-asks questions; rows already committed to stage
 `rows` stay published, so edit before that stage (or start a run with --new).
 """
