@@ -28,7 +28,6 @@ profiling assumes nothing else on the GPU changes while it measures (../shared/g
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import logging
 import math
@@ -45,6 +44,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
+
+from engine.runner import owns
 
 log = logging.getLogger(__name__)
 
@@ -236,14 +237,6 @@ class Barrier:
             delay = min(delay * 1.5, 0.5)
 
 
-def _owner(key: str, count: int) -> int:
-    """engine.runner.owns's split; keys that are not hex (none of ours) are split by their sha256."""
-    try:
-        return int(key[:8], 16) % count
-    except ValueError:
-        return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % count
-
-
 class ReplicaStore:
     """Replica i's view of the shared RunStore; everything else is the store's own.
 
@@ -269,7 +262,7 @@ class ReplicaStore:
         key = row.get("key") if isinstance(row, dict) else None
         if not isinstance(key, str):
             return True  # a malformed row: the store says why
-        return key in self._claimed or _owner(key, self._replica[1]) == self._replica[0]
+        return key in self._claimed or owns(key, self._replica)
 
     def add(self, stage: str, row: dict) -> None:
         if self._mine(row):

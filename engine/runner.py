@@ -6,6 +6,7 @@ reports progress (done/total, output tokens/s, ETA). Methods call `run_stage` on
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import sys
 import time
@@ -27,9 +28,17 @@ def owns(key: str, replica: tuple[int, int]) -> bool:
 
     >>> [owns(k, (0, 2)) for k in ("00000000aa", "00000001aa")]
     [True, False]
+
+    Keys are hex digests (engine.request.stable_hash); any other string is split by its own sha256.
     """
     index, count = replica
-    return count == 1 or int(key[:8], 16) % count == index
+    if count == 1:
+        return True
+    try:
+        number = int(key[:8], 16)
+    except ValueError:
+        number = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16)
+    return number % count == index
 
 
 def result_row(request: Request, result: Result) -> tuple[dict, str | None]:
@@ -86,7 +95,8 @@ class Progress:
             print(line, file=sys.stderr, flush=True)
 
 
-def run_stage(backend: Backend, store, stage: str, requests: Iterable[Request], to_row: ToRow = result_row, *,
+def run_stage(backend: Backend | Callable[[], Backend], store, stage: str, requests: Iterable[Request],
+              to_row: ToRow = result_row, *,
               replica: tuple[int, int] = (0, 1), progress: bool = True,
               group: Callable[[Request], str] | None = None) -> StageStats:
     """Generate every request of `stage` not yet committed, committing rows and rejects as they finish.
@@ -95,6 +105,8 @@ def run_stage(backend: Backend, store, stage: str, requests: Iterable[Request], 
     A request whose key is already committed (as a row or a reject) is never sent to the model again.
     With replicas, a request goes to the replica that owns its key, or, with `group` (request -> hex digest),
     the one that owns its group: requests of one group (GLAN: one discipline) then stay on one replica.
+    `backend` may be a function returning it, called only when this replica has something left to generate
+    (a fully resumed stage never loads a model).
     """
     requests = list(requests)
     stats = StageStats(stage=stage, total=len(requests))
@@ -111,6 +123,8 @@ def run_stage(backend: Backend, store, stage: str, requests: Iterable[Request], 
         return stats
     if group is not None and hasattr(store, "claim"):
         store.claim(r.key for r in todo)  # a replica's store commits keys it generated, whoever owns them by hash
+    if not hasattr(backend, "generate"):
+        backend = backend()
     backend.preflight(todo)
     by_key = {r.key: r for r in todo}
     bar = Progress(stage, len(todo), enabled=progress)

@@ -643,14 +643,14 @@ def qa_rounds(config: Config, ctx: Context, pool: list[dict], answerer: AnswerBa
             stop = start + max(1, math.ceil((config.num_rows - len(kept)) * config.overprovision))
             questions = question_requests(config, ctx, pool, stop)
             new = questions[start:]
-            run_stage(ctx.backend if _undone(ctx, "questions", new) else None, ctx.store, "questions", new,
-                      _question_row, replica=ctx.replica, progress=ctx.progress)
+            run_stage(lambda: ctx.backend, ctx.store, "questions", new, _question_row, replica=ctx.replica,
+                      progress=ctx.progress)
             asked = _rows_of(ctx.store, "questions", questions)
             answers = answer_requests(config, ctx, answerer.model, asked)
             todo = [r for r in answers if r.meta["question_index"] >= start]
             if todo:
-                s = run_stage(answerer.get() if _undone(ctx, "answers", todo) else None, ctx.store,
-                              "answers", todo, _answer_row, replica=ctx.replica, progress=ctx.progress)
+                s = run_stage(answerer.get, ctx.store, "answers", todo, _answer_row, replica=ctx.replica,
+                              progress=ctx.progress)
                 _add_stats(stats, s)
             by_question = {a["question_key"]: a for a in _rows_of(ctx.store, "answers", answers)}
             pairs = [final_row(ctx, q, by_question[q["key"]], taxonomy_sha256) for q in asked
@@ -762,22 +762,14 @@ def with_attempts(ctx: Context, stage: str, items: list, build: Callable[[object
         if group_of is not None:
             groups = {r.key: group_of(it) for it, r in zip(todo, requests)}
             group = lambda request: groups[request.key]  # noqa: E731 - this attempt's requests only
-        s = run_stage(ctx.backend if _undone(ctx, stage, requests, group) else None, ctx.store, stage, requests,
-                      to_row, replica=ctx.replica, progress=ctx.progress, group=group)
+        s = run_stage(lambda: ctx.backend, ctx.store, stage, requests, to_row, replica=ctx.replica,
+                      progress=ctx.progress, group=group)
         _add_stats(stats, s)
         rows = {r["key"]: r for r in ctx.store.rows(stage, wait=group_of is None)}
         for it, r in zip(todo, requests):
             if r.key in rows:
                 accepted[it] = rows[r.key]
     return accepted, stats
-
-
-def _undone(ctx: Context, stage: str, requests: Iterable[Request],
-            group: Callable[[Request], str] | None = None) -> bool:
-    """Whether any request this replica owns still needs the model (so a fully resumed stage, or a replica
-    with nothing left of it, never loads one)."""
-    done = ctx.store.done_keys(stage)
-    return any(r.key not in done and owns(group(r) if group else r.key, ctx.replica) for r in requests)
 
 
 def _rows_of(store, stage: str, requests: list[Request]) -> list[dict]:
