@@ -205,10 +205,11 @@ def run_method(config: RunConfig, out: Path, *, new: bool = False, stop_after: s
     if replica[1] > 1:
         from engine.parallel import ReplicaSync
         sync = ReplicaSync(store, replica, session)
+    serialized = sync.serialized if sync else methods.Context.serialized  # engine start-ups, one per GPU at a time
     ctx = methods.Context(
         store=sync.store if sync else store, seed=config.seed, model_name=model_id["fingerprint"], replica=replica,
-        progress=progress, load_backend=sync.serialized(start_backend) if sync else start_backend,
-        extras={"stop_after": stop_after, "quality": quality}, **({"serialized": sync.serialized} if sync else {}))
+        progress=progress, load_backend=serialized(start_backend), serialized=serialized,
+        extras={"stop_after": stop_after, "quality": quality})
     try:
         output = module.run(params, ctx)
     finally:

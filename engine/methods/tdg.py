@@ -23,6 +23,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from engine.constraints import Constraint
+from engine.jsonl import read_objects
 from engine.methods import Context, Output
 from engine.prompting import render
 from engine.request import Request, Result, Sampling, stable_hash
@@ -98,12 +99,10 @@ def _examples(path: Path | None, limit: int | None) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"examples_file not found: {path}")
     out = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            d = json.loads(line)
-            if not isinstance(d.get("question"), str):
-                raise ValueError(f"{path}:{i}: each example needs a 'question' string")
-            out.append({"id": str(d.get("id", f"line-{i}")), "question": d["question"]})
+    for i, d in read_objects(path, ValueError):
+        if not isinstance(d.get("question"), str):
+            raise ValueError(f"{path}:{i}: each example needs a 'question' string")
+        out.append({"id": str(d.get("id", f"line-{i}")), "question": d["question"]})
     return out[:limit] if limit else out
 
 
