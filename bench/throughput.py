@@ -166,7 +166,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
 
-    from engine.backends.base import load_backend
+    from engine.backends.loader import load_backend
     kwargs = {"max_num_seqs": args.max_num_seqs} if args.max_num_seqs else {}
     if args.json_whitespace:
         kwargs["compact_json"] = args.json_whitespace == "compact"

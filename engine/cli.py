@@ -19,19 +19,7 @@ import sys
 from pathlib import Path
 
 from engine.backends.base import GRAMMAR_BACKENDS, DEFAULT_GRAMMAR_BACKEND
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    """Exceptions that mean 'the input is wrong': shown as one line, exit 2."""
-    from engine.backends.base import BackendError
-    from engine.config import ConfigError
-    from engine.constraints import ConstraintError
-    from engine.methods import MethodError
-    from engine.models import ModelError
-    from engine.prompts_file import InputError
-    from engine.store import StoreError
-    from pydantic import ValidationError
-    return (BackendError, ConfigError, ConstraintError, MethodError, ModelError, InputError, StoreError,
-            ValidationError)
+from engine.errors import user_errors
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -101,7 +89,7 @@ def cmd_model(args) -> int:
 
 def cmd_generate(args) -> int:
     from engine import models
-    from engine.backends.base import load_backend
+    from engine.backends.loader import load_backend
     from engine.backends.vllm import unsupported_features
     from engine.constraints import Constraint, ConstraintError
     from engine.prompts_file import build_requests
@@ -148,7 +136,7 @@ def cmd_run(args) -> int:
         if getattr(args, flag):
             setattr(config, flag, getattr(args, flag))
     from engine.config import ConfigError, ParallelSettings
-    from engine.parallel import ReplicaError
+    from engine.parallel.placement import ReplicaError
     parallel = config.parallel.model_dump()
     for flag, field in (("replicas", "replicas"), ("ray", "ray_address"), ("engines_per_gpu", "engines_per_gpu")):
         if getattr(args, flag) is not None:
@@ -165,7 +153,7 @@ def cmd_run(args) -> int:
                               "launch) and no --new; or let `--replicas N` start them all")
     try:
         if args.replica is None and (config.parallel.replicas > 1 or config.parallel.ray_address):
-            from engine.parallel import run_parallel
+            from engine.parallel.launch import run_parallel
             out, manifest = run_parallel(config, args.out, new=args.new, stop_after=args.stop_after)
             stats = None
         else:
@@ -231,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                 "bench": cmd_bench}
     try:
         return handlers[args.command](args)
-    except _user_errors() as e:
+    except user_errors() as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

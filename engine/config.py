@@ -180,7 +180,7 @@ def run_method(config: RunConfig, out: Path, *, new: bool = False, stop_after: s
     `engine_overrides` (a replica's GPU memory share, tensor parallelism) reach the backend, not the run hash.
     """
     from engine import methods, models
-    from engine.backends.base import load_backend
+    from engine.backends.loader import load_backend
     from engine.quality import QualityConfig
     from engine.store import RunStore
 
@@ -203,7 +203,7 @@ def run_method(config: RunConfig, out: Path, *, new: bool = False, stop_after: s
 
     sync = None
     if replica[1] > 1:
-        from engine.parallel import ReplicaSync
+        from engine.parallel.sync import ReplicaSync
         sync = ReplicaSync(store, replica, session)
     serialized = sync.serialized if sync else methods.Context.serialized  # engine start-ups, one per GPU at a time
     ctx = methods.Context(

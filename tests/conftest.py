@@ -21,7 +21,7 @@ def model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def vllm_backend(model_dir):
-    from engine.backends.base import load_backend
+    from engine.backends.loader import load_backend
     backend = load_backend("vllm", str(model_dir), grammar_backend="guidance", max_num_seqs=64)
     yield backend
     backend.close()
@@ -29,7 +29,7 @@ def vllm_backend(model_dir):
 
 @pytest.fixture(scope="session")
 def hf_backend(model_dir):
-    from engine.backends.base import load_backend
+    from engine.backends.loader import load_backend
     return load_backend("transformers", str(model_dir), grammar_backend="guidance")
 
 
@@ -86,7 +86,7 @@ def run_replica_threads(module, params, payload: dict, out: Path, backend, *, re
     import threading
     import uuid
     from engine.methods import Context
-    from engine.parallel import ReplicaSync
+    from engine.parallel.sync import ReplicaSync
     from engine.quality import QualityConfig
     from engine.store import RunStore
 

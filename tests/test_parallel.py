@@ -18,8 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from engine.config import ParallelSettings, load_run_config, run_method, run_payload
-from engine.parallel import (GIB, Gpu, ReplicaError, ReplicaSync, choose_engines_per_gpu, plan_local, ray_resources,
-                             run_parallel)
+from engine.parallel.launch import run_parallel
+from engine.parallel.placement import GIB, Gpu, ReplicaError, choose_engines_per_gpu, plan_local
+from engine.parallel.ray_actors import ray_resources
+from engine.parallel.sync import ReplicaSync
 from engine.runner import owns
 from engine.store import RunStore
 
@@ -222,7 +224,7 @@ def test_two_replicas_as_ray_actors_on_a_loopback_cluster(echo_config, reference
 
 def test_local_ray_cluster_binds_to_loopback():
     ray = pytest.importorskip("ray")
-    from engine.parallel import _ray_init
+    from engine.parallel.ray_actors import _ray_init
     assert _ray_init(ray, "local", progress=False)
     try:
         assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}

@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-import engine.store as store_mod
+import engine.store.files as store_mod
 from engine.quality import QualityConfig
-from engine.store import ConfigMismatch, RunStore, StoreError, export
+from engine.store import ConfigMismatch, RunStore, StoreError, config_hash, export
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = {"method": "demo", "seed": 7, "model": "tiny", "sampling": {"temperature": 0.7}}
@@ -71,7 +71,7 @@ def test_config_mismatch_refused_and_new_makes_sibling(tmp_path):
     with pytest.raises(ConfigMismatch) as e:
         RunStore.open(out, other)
     msg = str(e.value)
-    assert store_mod.config_hash(CONFIG)[:12] in msg and store_mod.config_hash(other)[:12] in msg
+    assert config_hash(CONFIG)[:12] in msg and config_hash(other)[:12] in msg
     assert "differing keys: model, seed" in msg and "--new" in msg and "--out" in msg
     with pytest.raises(ConfigMismatch, match="differing keys: model, seed"):
         RunStore.check(out, other)  # the same refusal, before any expensive setup

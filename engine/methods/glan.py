@@ -589,7 +589,8 @@ class AnswerBackend:
         if self.model_dir is None:
             return self.ctx.backend
         if self.backend is None:
-            from engine.backends.base import DEFAULT_GRAMMAR_BACKEND, load_backend
+            from engine.backends.base import DEFAULT_GRAMMAR_BACKEND
+            from engine.backends.loader import load_backend
             run = self.ctx.store.config
             self.backend = self.ctx.serialized(lambda: load_backend(
                 run.get("backend") or "vllm", str(self.model_dir),

@@ -6,7 +6,7 @@ usage: resume_worker.py OUT LOG N   (SDG_KILL_AT in the environment picks where 
 import os
 import sys
 
-from engine.backends.base import load_backend
+from engine.backends.loader import load_backend
 from engine.request import Request, Sampling
 from engine.runner import run_stage
 from engine.store import RunStore

@@ -1,0 +1,157 @@
+"""Inside a replica: named meetings of the N replicas of one launch (Barrier, marker files on the shared run
+directory) and serialized engine start-ups on a shared GPU (ReplicaSync)."""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import re
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+log = logging.getLogger(__name__)
+
+from engine.parallel.placement import ReplicaError
+from engine.runner import owns
+
+_SESSION = re.compile(r"^[A-Za-z0-9_.-]{1,80}$")
+
+
+class Barrier:
+    """Named meeting points of the N replicas of one launch, as marker files on the shared run directory:
+    `<root>/<name>.<k>/r<i>` for the k-th meeting of that name. `wait` returns once all N markers exist."""
+
+    def __init__(self, root: Path, replica: tuple[int, int], poll: float = 0.02) -> None:
+        self.root, (self.index, self.count), self.poll = Path(root), replica, poll
+        self._seen: dict[str, int] = {}
+        driver = os.environ.get("SDG_DRIVER_PID")
+        self._driver = int(driver) if driver and driver.isdigit() else None
+
+    def arrive(self, name: str) -> Path:
+        k = self._seen.get(name, 0)
+        self._seen[name] = k + 1
+        d = self.root / f"{name}.{k}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"r{self.index}").write_text(str(os.getpid()))
+        return d
+
+    def wait(self, name: str) -> None:
+        d = self.arrive(name)
+        delay, started, told = self.poll, time.monotonic(), False
+        while len(os.listdir(d)) < self.count:
+            if self._driver is not None and os.getppid() != self._driver:
+                raise ReplicaError(f"replica {self.index}: the driver (pid {self._driver}) is gone; stopping. "
+                                   "Committed work is kept; rerun to resume")
+            if not told and time.monotonic() - started > 2:
+                log.info("replica %d waits at %s for %d replica(s)", self.index, d.name,
+                         self.count - len(os.listdir(d)))
+                told = True
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.5)
+
+
+class ReplicaStore:
+    """Replica i's view of the shared RunStore; everything else is the store's own.
+
+    - `rows(stage)` (a method building the next stage from all of a stage's rows) commits, then waits until
+      every replica has reached the same read: every replica's share of the stage is committed when it returns.
+    - `add`/`reject` of a key another replica owns do nothing: that replica, running the same code, commits it.
+      Steps that compute rows without the model (TDG's seeds and problems, TarGEN's dataset, GLAN's rows)
+      are thus split among replicas like model requests are, and no key is committed twice.
+    """
+
+    def __init__(self, store, replica: tuple[int, int], barrier: Barrier) -> None:
+        self._store, self._replica, self._barrier = store, replica, barrier
+        self._claimed: set[str] = set()
+
+    def __getattr__(self, name: str):
+        return getattr(self._store, name)
+
+    def claim(self, keys: Iterable[str]) -> None:
+        """Keys this replica generates though another owns them by hash (run_stage with `group`)."""
+        self._claimed.update(keys)
+
+    def _mine(self, row: Any) -> bool:
+        key = row.get("key") if isinstance(row, dict) else None
+        if not isinstance(key, str):
+            return True  # a malformed row: the store says why
+        return key in self._claimed or owns(key, self._replica)
+
+    def add(self, stage: str, row: dict) -> None:
+        if self._mine(row):
+            self._store.add(stage, row)
+
+    def reject(self, stage: str, row: dict, reason: str) -> None:
+        if self._mine(row):
+            self._store.reject(stage, row, reason)
+
+    def rows(self, stage: str, *, wait: bool = True) -> list[dict]:
+        """Every committed row of `stage`; with `wait`, after every replica has committed its share. Without,
+        this replica's own share is complete but the others' may not be (a method reading rows of its own
+        groups only)."""
+        self._store.commit()
+        if wait:
+            self._barrier.wait(f"rows.{stage}")
+        return self._store.rows(stage)
+
+
+class ReplicaSync:
+    """What run_method adds for replica (i, N), N > 1, of the launch `session`: the store view, serialized
+    engine start-ups on a shared GPU, and the final meeting before replica 0 publishes."""
+
+    def __init__(self, store, replica: tuple[int, int], session: str | None) -> None:
+        index, count = replica
+        if not 0 <= index < count:
+            raise ValueError(f"replica index must be in [0, {count}), got {index}")
+        if not session or not _SESSION.match(session):
+            raise ValueError(f"replica {index}/{count} needs a session name (letters, digits, _.-), the same for all "
+                             f"replicas of one launch and new for each launch; got {session!r}")
+        self.replica = replica
+        self.barrier = Barrier(store.out / "parallel" / session / "barriers", replica)
+        self.store = ReplicaStore(store, replica, self.barrier)
+        self._raw = store
+
+    def serialized(self, start: Callable[[], Any]) -> Callable[[], Any]:
+        """`start` (an engine start-up) under a lock per GPU and host when a GPU is in use, so that engines
+        sharing a GPU start one at a time (vLLM sizes its KV cache from the memory it sees free)."""
+        def wrapped():
+            tag = _gpu_tag()
+            if tag is None:
+                return start()
+            path = Path(tempfile.gettempdir()) / f"sdg-engine-start-{tag}.lock"
+            with open(path, "a") as f:
+                t = time.monotonic()
+                fcntl.flock(f, fcntl.LOCK_EX)
+                log.info("replica %d: engine start lock %s after %.1fs", self.replica[0], path, time.monotonic() - t)
+                try:
+                    return start()
+                finally:
+                    fcntl.flock(f, fcntl.LOCK_UN)
+        return wrapped
+
+    def finish(self) -> None:
+        """Every replica commits and arrives at "end"; replica 0 waits for all of them, then publishes."""
+        self._raw.commit()
+        if self.replica[0] == 0:
+            self.barrier.wait("end")
+        else:
+            self.barrier.arrive("end")
+
+
+def _gpu_tag() -> str | None:
+    """'<host>-gpu<CUDA_VISIBLE_DEVICES>' when this process uses a GPU, else None."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible == "":
+        return None
+    try:
+        import torch
+        if not torch.cuda.is_available():
+            return None
+    except ImportError:
+        return None
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{socket.gethostname()}-gpu{visible or 'all'}")
+
+
