@@ -130,7 +130,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from engine.config import load_run_config, run_method
+    from engine.pipeline.run import check_stop_after, load_run_config, run_method
     config = load_run_config(args.config)
     for flag in ("model", "backend", "grammar_backend"):
         if getattr(args, flag):
@@ -151,6 +151,7 @@ def cmd_run(args) -> int:
         if replica[1] > 1 and (not args.session or args.new):
             raise ConfigError("--replica INDEX/COUNT needs --session NAME (the same for every replica of this "
                               "launch) and no --new; or let `--replicas N` start them all")
+    check_stop_after(config, args.stop_after)  # for every method, before any model loads or replica starts
     try:
         if args.replica is None and (config.parallel.replicas > 1 or config.parallel.ray_address):
             from engine.parallel.launch import run_parallel

@@ -8,11 +8,11 @@
     parallel: {replicas: 1}        # scale-out (engine.parallel); not part of the run's identity
     params: {...}                  # validated by the method's own Config
 
-Every field is checked (unknown fields are errors, not warnings) before any model is loaded.
+Every field is checked (unknown fields are errors, not warnings) before any model is loaded. Loading a
+config with its method's params and running it: engine.pipeline.run.
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -91,7 +91,7 @@ class RunConfig(BaseModel):
     """The YAML file it came from: relative paths in params are resolved against its folder."""
 
 
-def _first_error(e: ValidationError, where: str) -> str:
+def first_error(e: ValidationError, where: str) -> str:
     err = e.errors()[0]
     loc = ".".join(str(p) for p in err["loc"])
     return f"{where}: {loc + ': ' if loc else ''}{err['msg']}"
@@ -115,110 +115,4 @@ def validated(model: type[BaseModel], raw: dict, where: str, error: type[ConfigE
     try:
         return model.model_validate(raw)
     except ValidationError as e:
-        raise error(_first_error(e, where)) from None
-
-
-def load_run_config(path: Path) -> RunConfig:
-    config = validated(RunConfig, load_yaml_mapping(path, "config file"), str(path))
-    config._source = path
-    method_config(config)  # fail now on bad params, before any model loads
-    return config
-
-
-def method_config(config: RunConfig):
-    from engine import methods
-    module = methods.load(config.method)
-    params = dict(config.params)
-    base = config._source
-    try:
-        if base is not None and hasattr(module, "resolve_paths"):
-            params = module.resolve_paths(params, Path(base).parent)
-        return module.Config.model_validate(params)
-    except ValidationError as e:
-        raise ConfigError(_first_error(e, f"params of method {config.method}")) from None
-
-
-def file_identity(path: str) -> dict | str:
-    """An input file as the run's identity sees it: its name and the sha256 of its bytes, not where it lies, so
-    a run resumes from another working folder or a moved checkout, and refuses to when the file's content
-    changed. A path that is not a readable file stays as it is (the method reports it)."""
-    try:
-        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    except OSError:
-        return path
-    return {"file": Path(path).name, "sha256": digest}
-
-
-def run_payload(config: RunConfig, params=None, model_id: dict | None = None) -> dict:
-    """What identifies a run (hashed by the store): the config with the method's validated params and the
-    model's fingerprint, without the settings that do not change what is generated (store, parallel)."""
-    from engine import methods, models
-    params = params if params is not None else method_config(config)
-    model_id = model_id or models.identity(models.prepare(config.model))
-    payload = config.model_dump(mode="json")
-    payload["params"] = params.model_dump(mode="json")
-    for name in getattr(methods.load(config.method), "FILE_PARAMS", ()):
-        if isinstance(payload["params"].get(name), str):
-            payload["params"][name] = file_identity(payload["params"][name])
-    for f in (payload.get("quality") or {}).get("decontam_files") or []:
-        if isinstance(f, dict) and isinstance(f.get("path"), str):
-            f["path"] = file_identity(f["path"])
-    payload["model_fingerprint"] = model_id["fingerprint"]
-    payload.pop("store", None)  # commit cadence does not change what is generated
-    payload.pop("parallel", None)  # nor does how many replicas generate it: resume with any N
-    return payload
-
-
-def run_method(config: RunConfig, out: Path, *, new: bool = False, stop_after: str | None = None,
-               replica: tuple[int, int] = (0, 1), progress: bool = True, session: str | None = None,
-               engine_overrides: dict | None = None):
-    """Run `config`'s method into run dir `out`; returns (run dir, manifest, last stage stats).
-
-    With `replica=(i, N)`, N > 1, this process is replica i of the launch named `session` (engine.parallel
-    starts them): it generates only the keys it owns, waits for the other replicas wherever the method reads
-    a whole stage, and replica 0 publishes once all of them are done; the others return manifest None.
-    `engine_overrides` (a replica's GPU memory share, tensor parallelism) reach the backend, not the run hash.
-    """
-    from engine import methods, models
-    from engine.backends.loader import load_backend
-    from engine.quality import QualityConfig
-    from engine.store import RunStore
-
-    module = methods.load(config.method)
-    params = method_config(config)
-    # Methods publish deduplicated rows by default; `quality: {exact_dedup: false, ...}` turns filters off.
-    quality = QualityConfig.model_validate(config.quality or {})
-    quality.check_files()
-    model_dir = models.prepare(config.model)
-    model_id = models.identity(model_dir)
-    payload = run_payload(config, params, model_id)
-    store = RunStore.open(out, payload, new=new, writer=f"r{replica[0]}",
-                          commit_rows=config.store.commit_rows, commit_seconds=config.store.commit_seconds,
-                          identity={"model": model_id})
-    engine_opts = {**config.engine, **(engine_overrides or {})}
-
-    def start_backend():
-        return load_backend(config.backend, str(model_dir), grammar_backend=config.grammar_backend,
-                            seed=config.seed, **engine_opts)
-
-    sync = None
-    if replica[1] > 1:
-        from engine.parallel.sync import ReplicaSync
-        sync = ReplicaSync(store, replica, session)
-    serialized = sync.serialized if sync else methods.Context.serialized  # engine start-ups, one per GPU at a time
-    ctx = methods.Context(
-        store=sync.store if sync else store, seed=config.seed, model_name=model_id["fingerprint"], replica=replica,
-        progress=progress, load_backend=serialized(start_backend), serialized=serialized,
-        extras={"stop_after": stop_after, "quality": quality})
-    try:
-        output = module.run(params, ctx)
-    finally:
-        store.commit()
-    if sync is not None:
-        sync.finish()  # every replica's work is committed before replica 0 publishes
-    if output is None or replica[0] != 0:  # stopped early on purpose, or not the publishing replica
-        store.close()
-        return store.out, None, (ctx.extras.get("last_stats") if output is not None else None)
-    manifest = store.finalize(output.final_stage, quality=quality, text_fields=output.text_fields)
-    store.close()
-    return store.out, manifest, ctx.extras.get("last_stats")
+        raise error(first_error(e, where)) from None

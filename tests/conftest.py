@@ -57,8 +57,8 @@ def committed_keys(out: Path) -> dict[str, list[str]]:
 
 class SharedBackend:
     """The session's one real engine lent to replica threads: one replica generates at a time (the lock is held
-    for a whole generate call, so each replica's share is one batch), and each replica's requests are recorded.
-    Every output still comes from the model."""
+    for each batch the pipeline's feed has ready), and each replica's requests are recorded. Every output
+    still comes from the model."""
 
     def __init__(self, inner, lock, asked: list) -> None:
         self.inner, self.lock, self.asked = inner, lock, asked
@@ -68,10 +68,21 @@ class SharedBackend:
             return self.inner.preflight(requests)
 
     def generate(self, requests):
-        requests = list(requests)
-        self.asked.extend(requests)
+        batch = []
+        for request in requests:
+            if request is not None:
+                batch.append(request)
+                continue
+            yield from self._run(batch)  # the feed waits for results: generate what it gave so far
+            batch = []
+        yield from self._run(batch)
+
+    def _run(self, batch):
+        if not batch:
+            return
+        self.asked.extend(batch)
         with self.lock:
-            results = list(self.inner.generate(requests))
+            results = list(self.inner.generate(batch))
         yield from results
 
     def identity(self) -> dict:
@@ -81,12 +92,13 @@ class SharedBackend:
 def run_replica_threads(module, params, payload: dict, out: Path, backend, *, replicas: int = 2,
                         model_name: str = "smollm2", quality=None, timeout: float = 1200) -> tuple[dict, dict]:
     """Replicas (i, N) of one launch of `module` as threads sharing `backend`, each with its own store writer
-    and the same stage meetings (engine.parallel.ReplicaSync) that replica processes use; replica 0 publishes.
+    and the same meetings (engine.parallel.sync.ReplicaSync) that replica processes use; replica 0 publishes.
     Returns (manifest, {replica index: [requests it generated]})."""
     import threading
     import uuid
     from engine.methods import Context
     from engine.parallel.sync import ReplicaSync
+    from engine.pipeline.core import Executor
     from engine.quality import QualityConfig
     from engine.store import RunStore
 
@@ -101,15 +113,16 @@ def run_replica_threads(module, params, payload: dict, out: Path, backend, *, re
         store = stores[i]
         try:
             sync = ReplicaSync(store, (i, replicas), session)
-            ctx = Context(store=sync.store, load_backend=lambda: SharedBackend(backend, lock, asked[i]), seed=0,
-                          model_name=model_name, replica=(i, replicas), progress=False,
-                          extras={"quality": quality})
-            output = module.run(params, ctx)
+            ctx = Context(out=store.out, seed=0, model_name=model_name, progress=False)
+            pipeline = module.pipeline(params, ctx)
+            engines = {"main": lambda: SharedBackend(backend, lock, asked[i])}
+            Executor(pipeline, store, engines, seed=0, replica=(i, replicas), sync=sync, quality=quality,
+                     progress=False).run()
             store.commit()
             sync.finish()
             if i == 0:
-                result["manifest"] = store.finalize(output.final_stage, quality=quality,
-                                                    text_fields=output.text_fields)
+                result["manifest"] = store.finalize(pipeline.publish.stage, quality=quality,
+                                                    text_fields=pipeline.publish.text_fields)
         except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
             errors.append(e)
         finally:

@@ -23,7 +23,9 @@ class Backend(ABC):
 
     @abstractmethod
     def generate(self, requests: Iterable[Request]) -> Iterator[Result]:
-        """Run every request; yield each Result as soon as it is final. Requests may be a lazy iterable."""
+        """Run every request; yield each Result as soon as it is final. Requests may be a lazy iterable (a
+        pipeline's feed): a None from it means "nothing ready until one of the requests in flight finishes"
+        (it never says so while none is in flight), and the iterable's end means no more requests."""
 
     @abstractmethod
     def preflight(self, requests: list[Request]) -> None:

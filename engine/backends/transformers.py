@@ -71,7 +71,8 @@ class TransformersBackend(Backend):
 
     def generate(self, requests: Iterable[Request]) -> Iterator[Result]:
         for request in requests:
-            yield self._generate_one(request)
+            if request is not None:  # one at a time: nothing is ever in flight when the feed is asked again
+                yield self._generate_one(request)
 
     def _generate_one(self, request: Request) -> Result:
         torch = self.torch

@@ -21,6 +21,8 @@ from engine.request import Request, Result
 
 log = logging.getLogger(__name__)
 
+_END = object()
+
 # JSON Schema keywords each grammar backend cannot enforce (from vLLM's own checks for xgrammar/guidance,
 # and outlines_core's regex translation). Named in the error so the user knows what to change.
 UNSUPPORTED_JSON = {
@@ -178,9 +180,13 @@ class VllmBackend(Backend):
         try:
             while True:
                 while not exhausted and len(pending) < self.in_flight:
-                    request = next(source, None)
-                    if request is None:
+                    request = next(source, _END)
+                    if request is _END:
                         exhausted = True
+                        break
+                    if request is None:  # nothing ready until some request in flight finishes
+                        if not pending:
+                            raise RuntimeError("the request feed waits while nothing is in flight")
                         break
                     if request.key in pending:
                         raise ValueError(f"duplicate request key {request.key} in one generate call")

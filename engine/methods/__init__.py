@@ -1,14 +1,15 @@
 """Methods (TDG, TarGEN, GLAN) and what they are handed to run.
 
 A method module exposes `Config` (a pydantic model of its `params:` section, extra fields forbidden) and
-`run(config, ctx) -> Output`. The engine knows methods only through this registry.
+`pipeline(config, ctx) -> engine.pipeline.stages.Pipeline`: its declared stages, which the pipeline core runs.
+The engine knows methods only through this registry.
 """
 from __future__ import annotations
 
 import difflib
 import importlib
-from dataclasses import dataclass, field
-from functools import cached_property
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 REGISTRY = {"tdg": "engine.methods.tdg", "targen": "engine.methods.targen", "glan": "engine.methods.glan",
@@ -29,29 +30,14 @@ def load(name: str):
 
 
 @dataclass
-class Output:
-    """Which stage holds the published rows, and which of their fields are the text to dedup/decontaminate."""
-
-    final_stage: str
-    text_fields: list[str]
-
-
-@dataclass
 class Context:
-    """What a method gets: the store, a lazily loaded backend (stages that need no model never load one),
-    the run seed, the model's name for request keys, and this process's replica (index, count)."""
+    """What a method's stage functions may use (engine.pipeline.run builds it): the run directory, the run seed,
+    the model's name for request keys, and `start_engine(model_dir)`, which gives a function starting a second
+    engine like the run's own (same backend and settings, serialized start-ups on a shared GPU), for a
+    pipeline's named engines (GLAN's answer model)."""
 
-    store: Any
-    load_backend: Callable[[], Any]
+    out: Path
     seed: int = 0
     model_name: str = "model"
-    replica: tuple[int, int] = (0, 1)
+    start_engine: Callable[[Path], Callable[[], Any]] | None = None
     progress: bool = True
-    extras: dict = field(default_factory=dict)
-    serialized: Callable[[Callable[[], Any]], Callable[[], Any]] = lambda start: start
-    """Wraps an engine start-up of a second backend (GLAN's answer_model) like the run's own: engines sharing
-    a GPU start one at a time (engine.parallel.ReplicaSync.serialized)."""
-
-    @cached_property
-    def backend(self):
-        return self.load_backend()

@@ -27,7 +27,7 @@ def run_parallel(config, out: Path, *, new: bool = False, stop_after: str | None
     replica dies, after stopping the others. `replica_env` adds environment variables to some replicas
     (crash tests: {1: {"SDG_KILL_AT": "after_commit:2"}})."""
     from engine import models
-    from engine.config import run_payload
+    from engine.pipeline.run import run_payload
     from engine.store import RunStore
 
     settings = config.parallel

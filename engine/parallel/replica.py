@@ -18,7 +18,8 @@ def replica_main(spec: dict) -> int:
     os.environ.update(spec.get("env") or {})
     if spec.get("cpus"):
         os.sched_setaffinity(0, spec["cpus"])
-    from engine.config import RunConfig, run_method
+    from engine.config import RunConfig
+    from engine.pipeline.run import run_method
     config = RunConfig.model_validate(spec["config"])
     config._source = Path(spec["source"]) if spec.get("source") else None
     run_method(config, Path(spec["out"]), stop_after=spec.get("stop_after"), replica=tuple(spec["replica"]),

@@ -10,12 +10,11 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
 from engine.parallel.placement import ReplicaError
-from engine.runner import owns
 
 _SESSION = re.compile(r"^[A-Za-z0-9_.-]{1,80}$")
 
@@ -53,53 +52,8 @@ class Barrier:
             delay = min(delay * 1.5, 0.5)
 
 
-class ReplicaStore:
-    """Replica i's view of the shared RunStore; everything else is the store's own.
-
-    - `rows(stage)` (a method building the next stage from all of a stage's rows) commits, then waits until
-      every replica has reached the same read: every replica's share of the stage is committed when it returns.
-    - `add`/`reject` of a key another replica owns do nothing: that replica, running the same code, commits it.
-      Steps that compute rows without the model (TDG's seeds and problems, TarGEN's dataset, GLAN's rows)
-      are thus split among replicas like model requests are, and no key is committed twice.
-    """
-
-    def __init__(self, store, replica: tuple[int, int], barrier: Barrier) -> None:
-        self._store, self._replica, self._barrier = store, replica, barrier
-        self._claimed: set[str] = set()
-
-    def __getattr__(self, name: str):
-        return getattr(self._store, name)
-
-    def claim(self, keys: Iterable[str]) -> None:
-        """Keys this replica generates though another owns them by hash (run_stage with `group`)."""
-        self._claimed.update(keys)
-
-    def _mine(self, row: Any) -> bool:
-        key = row.get("key") if isinstance(row, dict) else None
-        if not isinstance(key, str):
-            return True  # a malformed row: the store says why
-        return key in self._claimed or owns(key, self._replica)
-
-    def add(self, stage: str, row: dict) -> None:
-        if self._mine(row):
-            self._store.add(stage, row)
-
-    def reject(self, stage: str, row: dict, reason: str) -> None:
-        if self._mine(row):
-            self._store.reject(stage, row, reason)
-
-    def rows(self, stage: str, *, wait: bool = True) -> list[dict]:
-        """Every committed row of `stage`; with `wait`, after every replica has committed its share. Without,
-        this replica's own share is complete but the others' may not be (a method reading rows of its own
-        groups only)."""
-        self._store.commit()
-        if wait:
-            self._barrier.wait(f"rows.{stage}")
-        return self._store.rows(stage)
-
-
 class ReplicaSync:
-    """What run_method adds for replica (i, N), N > 1, of the launch `session`: the store view, serialized
+    """What run_method adds for replica (i, N), N > 1, of the launch `session`: the meetings (barrier), serialized
     engine start-ups on a shared GPU, and the final meeting before replica 0 publishes."""
 
     def __init__(self, store, replica: tuple[int, int], session: str | None) -> None:
@@ -111,7 +65,6 @@ class ReplicaSync:
                              f"replicas of one launch and new for each launch; got {session!r}")
         self.replica = replica
         self.barrier = Barrier(store.out / "parallel" / session / "barriers", replica)
-        self.store = ReplicaStore(store, replica, self.barrier)
         self._raw = store
 
     def serialized(self, start: Callable[[], Any]) -> Callable[[], Any]:

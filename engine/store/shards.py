@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import engine.store.runs as runs
+from engine.store.index import KeyIndex
 from engine.store.files import atomic_write, check_kill_spec, fsync_dir, json_bytes, kill_point, now, parquet_bytes
 from engine.store.runs import StoreError
 
@@ -113,8 +114,11 @@ class ShardStore:
         self.commit_rows = commit_rows
         self.commit_seconds = commit_seconds
         self._shards: dict[str, Shard] = {}
-        self._row_keys: dict[str, set[str]] = {}
-        self._reject_keys: dict[str, set[str]] = {}
+        self._row_keys: dict[str, KeyIndex] = {}  # stage -> committed row keys, every writer's
+        self._reject_keys: dict[str, KeyIndex] = {}
+        self.stage_order: list[str] = []
+        """Stages in the order a commit writes them (the pipeline's declaration order; others after, by name):
+        a parent's shard is renamed no later than its children's, so a crash never keeps a child without it."""
         self._pending_rows: dict[str, list[tuple[str, str]]] = {}
         self._pending_rejects: dict[str, list[tuple[str, str, str]]] = {}
         self._pending_keys: dict[str, set[str]] = {}
@@ -214,9 +218,9 @@ class ShardStore:
         keys = table.column("key").to_pylist()
         if shard.kind == "rejects":
             shard.reasons = Counter(_reason_kind(r) for r in table.column("reason").to_pylist())
-            self._reject_keys.setdefault(shard.stage, set()).update(keys)
+            self._reject_keys.setdefault(shard.stage, KeyIndex()).update(keys)
         else:
-            self._row_keys.setdefault(shard.stage, set()).update(keys)
+            self._row_keys.setdefault(shard.stage, KeyIndex()).update(keys)
         self._shards[shard.rel] = shard
 
     def _quarantine(self, path: Path, rel: str, why: str) -> None:
@@ -247,8 +251,9 @@ class ShardStore:
         """Drop a shard and rebuild its stage's key set from the remaining shards' tables."""
         del self._shards[shard.rel]
         keysets = self._row_keys if shard.kind == "stages" else self._reject_keys
-        keysets[shard.stage] = {k for s in self._stage_shards(shard.kind, shard.stage)
-                                for k in self._read(s).column("key").to_pylist()}
+        keysets[shard.stage] = KeyIndex()
+        for s in self._stage_shards(shard.kind, shard.stage):
+            keysets[shard.stage].update(self._read(s).column("key").to_pylist())
 
     def _stage_shards(self, kind: str, stage: str) -> list[Shard]:
         return sorted((s for s in self._shards.values() if s.kind == kind and s.stage == stage),
@@ -259,7 +264,40 @@ class ShardStore:
         """Keys committed for `stage`, rows and rejects alike (a rejected key is done: never regenerated),
         by any writer. Pending (uncommitted) keys are not included."""
         self._refresh()
-        return set(self._row_keys.get(stage, ())) | self._reject_keys.get(stage, set())
+        return {k for kind in _KINDS for s in self._stage_shards(kind, stage)
+                for k in self._read(s).column("key").to_pylist()}
+
+    def key_state(self, stage: str, key: str) -> str | None:
+        """Where `key` of `stage` stands for this writer: "pending" (added, not yet committed), "row" or
+        "reject" (committed by any writer registered so far), or None. A lookup in the index: no disk."""
+        if key in self._pending_keys.get(stage, ()):
+            return "pending"
+        if key in self._row_keys.get(stage, ()):
+            return "row"
+        if key in self._reject_keys.get(stage, ()):
+            return "reject"
+        return None
+
+    def key_count(self, stage: str) -> int:
+        """Committed keys of `stage` (rows and rejects, every writer's registered so far)."""
+        return len(self._row_keys.get(stage, ())) + len(self._reject_keys.get(stage, ()))
+
+    def snapshot(self) -> frozenset[str]:
+        """The committed shards as of now (every writer's), to read later exactly this set (`iter_rows`)."""
+        self._refresh()
+        return frozenset(self._shards)
+
+    def iter_rows(self, stage: str, *, within: frozenset[str] | None = None, mine_after: frozenset[str] | None = None):
+        """Committed rows of `stage`, lazily, one shard at a time, in (writer, seq) order: the shards of the
+        snapshot `within`, or this writer's shards committed since the snapshot `mine_after`, or all. A key
+        committed twice (two writers) is yielded twice; callers skip keys they have already done."""
+        for shard in self._stage_shards("stages", stage):
+            if within is not None and shard.rel not in within:
+                continue
+            if mine_after is not None and (shard.writer != self.writer or shard.rel in mine_after):
+                continue
+            for row in self._read(shard).column("row").to_pylist():
+                yield json.loads(row)
 
     def _check_new_key(self, stage: str, row: dict) -> str:
         if not _STAGE.match(stage):
@@ -323,13 +361,15 @@ class ShardStore:
         were renamed before it are committed, the rest stay pending."""
         if not self.pending() and not self._stats_dirty:
             return
+        counts = {"rows": {st: len(v) for st, v in self._pending_rows.items()},
+                  "rejects": {st: len(v) for st, v in self._pending_rejects.items()}}
         try:
-            for stage in sorted(self._pending_rows):
+            for stage in self._commit_order(self._pending_rows):
                 rows = self._pending_rows[stage]
                 table = pa.table({"key": [k for k, _ in rows], "row": [r for _, r in rows]}, schema=ROW_SCHEMA)
                 self._commit_shard("stages", stage, table)
                 del self._pending_rows[stage]
-            for stage in sorted(self._pending_rejects):
+            for stage in self._commit_order(self._pending_rejects):
                 rej = self._pending_rejects[stage]
                 table = pa.table({"key": [k for k, _, _ in rej], "stage": [stage] * len(rej),
                                   "reason": [r for _, r, _ in rej], "duplicate_of": [None] * len(rej),
@@ -343,12 +383,26 @@ class ShardStore:
             atomic_write(self.out / "stats" / f"{self.writer}.json", json_bytes(self._own),
                           self.out / "stats" / f".tmp-{self.writer}-stats.json")
             self._stats_dirty = False
+            self._log_commit(counts)
             self._write_manifest()
         except OSError as e:
             raise StoreError(f"cannot commit to {self.out}: {e.strerror or e}; committed shards are intact, "
                              "rerun to resume") from e
         self._last_commit = time.monotonic()
         kill_point("after_commit")
+
+    def _commit_order(self, pending: dict[str, list]) -> list[str]:
+        order = {st: i for i, st in enumerate(self.stage_order)}
+        return sorted(pending, key=lambda st: (order.get(st, len(order)), st))
+
+    def _log_commit(self, counts: dict) -> None:
+        """One line per commit in stats/<writer>.commits.jsonl: when, what it committed per stage, and this
+        writer's cumulative stats then (tokens, seconds): throughput over time, per replica, for reports. A
+        line torn by a crash is skipped by readers (engine.store.timings)."""
+        line = {"commit": self._own["commits"], "time": round(time.time(), 3), **counts,
+                "stages": self._own["stages"]}
+        with open(self.out / "stats" / f"{self.writer}.commits.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
 
     def _commit_shard(self, kind: str, stage: str, table: pa.Table) -> None:
         kill_point("before_shard_write")

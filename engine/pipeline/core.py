@@ -1,0 +1,504 @@
+"""The pipeline core: runs a method's declared stages (engine.pipeline.stages) on one store, streaming.
+
+Once, for every method:
+  - phases: a stage reading `Whole(...)` starts a phase, every other stage joins the current one. Within a
+    phase, requests of all its stages share one engine's batch: an accepted row's children are issued at once,
+    deepest stage first, so memory follows the work in flight. Between phases: the only barriers;
+  - resume: a request whose key the store holds as a row is never sent again; as a reject, its next attempt
+    is; rows committed before this launch feed their children from a snapshot of the committed shards,
+    read one shard at a time;
+  - replicas: an item of a root or whole stage belongs to the replica owning the hash of (stage, item); a child
+    goes with its parent (the replica that committed it in this launch; for parents committed earlier, the one
+    owning the parent's key). No key is generated twice, and a resume with any number of replicas works;
+  - retries (`attempts`) with one seed scheme, `seed_of(run seed, stage, item, attempt)`;
+  - stats per stage in the manifest (engine.store records), progress, `--stop-after` checked against the
+    declared names before anything runs, named engines started only when a stage has a request for them.
+
+A crash loses only uncommitted rows: the store commits a parent's stage no later than its children's
+(store.stage_order), and every key is recomputed the same way on resume.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import logging
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+from engine.config import ConfigError
+from engine.pipeline.stages import Compute, Each, Generate, Pipeline, Stage, Whole
+from engine.request import Request, Result, stable_hash
+
+log = logging.getLogger(__name__)
+
+END = object()  # the feed has nothing more, ever (a None from the feed means: nothing right now)
+
+
+class StopAfterError(ConfigError):
+    """`--stop-after` names no declared stage."""
+
+
+def owns(key: str, replica: tuple[int, int]) -> bool:
+    """Whether replica `index` of `count` generates `key`: a deterministic split by the key's hash,
+    so any number of replicas partition a stage without talking to each other.
+
+    >>> [owns(k, (0, 2)) for k in ("00000000aa", "00000001aa")]
+    [True, False]
+
+    Keys are hex digests (engine.request.stable_hash); any other string is split by its own sha256.
+    """
+    index, count = replica
+    if count == 1:
+        return True
+    try:
+        number = int(key[:8], 16)
+    except ValueError:
+        number = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16)
+    return number % count == index
+
+
+def seed_of(run_seed: int, stage: str, ident: Any, attempt: int) -> int:
+    """The sampling seed of one attempt of one item: a 31-bit hash of (run seed, stage, item, attempt)."""
+    return int(stable_hash(["sdg-seed", run_seed, stage, ident, attempt], 8), 16) & 0x7FFFFFFF
+
+
+def check_stop_after(pipeline: Pipeline, stop_after: str | None) -> None:
+    """Refuse a `--stop-after` that names no declared stage, with a 'did you mean'."""
+    if stop_after is None or stop_after in pipeline.names:
+        return
+    close = difflib.get_close_matches(stop_after, pipeline.names, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise StopAfterError(f"--stop-after {stop_after!r} is not a stage of this method{hint} "
+                         f"(stages: {', '.join(pipeline.names)})")
+
+
+def result_row(request: Request, result: Result) -> tuple[dict, str | None]:
+    """A `parse` for plain generation: the request's meta, the output and its accounting; invalid results are
+    rejects."""
+    row = {**request.meta, "key": result.key, "output": result.text, "valid": result.valid,
+           "finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens,
+           "output_tokens": result.output_tokens, "seed": request.seed,
+           "sampling": request.sampling.model_dump()}
+    return row, (None if result.valid else (result.reason or "invalid"))
+
+
+@dataclass
+class StageStats:
+    """What one stage did in this launch (the manifest sums every launch and replica)."""
+
+    stage: str
+    skipped: int = 0
+    generated: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    seconds: float = 0.0
+    reject_reasons: dict = field(default_factory=dict)
+    first: float | None = None  # perf_counter of the first request / row
+    last: float | None = None
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.output_tokens / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class _Work:
+    """One unit waiting in a stage's queue: an item of a Generate stage (and its attempt), or a row of a
+    Compute stage."""
+
+    item: Any
+    ident: Any
+    attempt: int = 0
+
+
+class Reader:
+    """What a whole-stage read sees: committed rows of any stage, and the publish filters' verdict."""
+
+    def __init__(self, store, quality=None) -> None:
+        self._store, self._quality = store, quality
+
+    @property
+    def out(self):
+        return self._store.out
+
+    def rows(self, stage: str) -> list[dict]:
+        """Every committed row of `stage` (every writer's), one per key, sorted by key."""
+        return self._store.rows(stage)
+
+    def survivors(self, rows: list[dict], text_fields: list[str]) -> list[dict]:
+        """`rows` minus what publishing's quality filters (dedup, decontamination) would remove, in the order
+        given: a method counting toward a target counts only rows that will be published."""
+        from engine.quality import QualityConfig, apply_filters
+        quality = self._quality or QualityConfig()
+        ordered = sorted(rows, key=lambda r: r["key"])  # publishing's order: the first of a group by key is kept
+        texts = ["\n".join(v if isinstance(v, str) else str(v) for v in (r.get(f) for f in text_fields)
+                           if v is not None) for r in ordered]
+        gone = {m.key for m in apply_filters(list(zip((r["key"] for r in ordered), texts)), quality)}
+        return [r for r in rows if r["key"] not in gone]
+
+
+class _StageRun:
+    """One stage's state within a phase: queued sources of work, requests in flight, stats."""
+
+    def __init__(self, stage: Stage, depth: int) -> None:
+        self.stage, self.depth = stage, depth
+        self.sources: deque[Iterator[_Work]] = deque()
+        self.in_flight = 0
+        self.stats = StageStats(stage=stage.name)
+        self.had_rows = False  # rows or rejects committed before this phase (figures are recorded once)
+
+    @property
+    def idle(self) -> bool:
+        return not self.sources and not self.in_flight
+
+
+class Executor:
+    """Runs `pipeline` on `store` for replica (index, count); `engines` maps names to functions that start an
+    engine (each called at most once, when its first request is ready); `sync` (engine.parallel.sync.ReplicaSync)
+    holds the replicas' meetings. `streaming=False` puts a barrier after every stage (benchmarks compare)."""
+
+    def __init__(self, pipeline: Pipeline, store, engines: dict[str, Callable[[], Any]], *, seed: int = 0,
+                 replica: tuple[int, int] = (0, 1), sync=None, quality=None, progress: bool = True,
+                 streaming: bool = True) -> None:
+        self.pipeline, self.store, self.seed, self.replica = pipeline, store, seed, replica
+        self.sync, self.streaming, self.progress = sync, streaming, progress
+        self.reader = Reader(store, quality)
+        self._starters = {**engines, **pipeline.engines}
+        self._engines: dict[str, Any] = {}
+        self._checked: set[int] = set()  # constraints already preflighted (by id)
+        self.stats: dict[str, StageStats] = {}
+        store.stage_order = pipeline.names
+
+    # ------------------------------------------------------------------------------------------ the phases
+    def run(self, stop_after: str | None = None) -> bool:
+        """Run every stage (up to `stop_after`); returns whether the whole pipeline ran (False: stopped)."""
+        check_stop_after(self.pipeline, stop_after)
+        names = self.pipeline.names
+        stages = self.pipeline.stages[: names.index(stop_after) + 1] if stop_after else self.pipeline.stages
+        phases: list[list[Stage]] = []
+        for stage in stages:
+            if not phases or isinstance(stage.reads, Whole):
+                phases.append([stage])
+            else:
+                phases[-1].append(stage)
+        try:
+            for number, phase in enumerate(phases):
+                self._run_phase(number, phase)
+        finally:
+            self.store.commit()
+        return stop_after is None or stop_after == names[-1]
+
+    def close_engines(self) -> None:
+        """Close the engines this executor started (the caller's to do: a test may lend a shared one)."""
+        for engine in self._engines.values():
+            close = getattr(engine, "close", None)
+            if close is not None:
+                close()
+        self._engines = {}
+
+    def _meet(self, name: str) -> None:
+        """All replicas of this launch reach `name` (nothing with one replica)."""
+        if self.sync is not None:
+            self.store.commit()
+            self.sync.barrier.wait(name)
+
+    def _run_phase(self, number: int, phase: list[Stage]) -> None:
+        first = phase[0]
+        rounds = first.rounds if isinstance(first.reads, Whole) else 1
+        for round_ in range(1, rounds + 1):
+            self._meet(f"phase{number}.r{round_}.start")  # every replica finished what came before
+            snapshot = self.store.snapshot()
+            self._meet(f"phase{number}.r{round_}.snapshot")  # nobody commits to this phase before all have looked
+            runs = [_StageRun(stage, depth) for depth, stage in enumerate(phase)]
+            for run in runs:
+                run.had_rows = bool(self.store.key_count(run.stage.name))
+            if isinstance(first.reads, Whole):
+                items = list(first.items(self.reader, round_) if isinstance(first, Generate)
+                             else first.rows(self.reader, round_))
+                if not items and round_ > 1:
+                    break
+                runs[0].sources.append(self._owned(first, (([round_, i], it) for i, it in enumerate(items))))
+            for run in runs:
+                self._open_sources(run, runs, snapshot)
+            self._phase = runs
+            self._snapshot = snapshot
+            self._by_key: dict[str, tuple[_StageRun, _Work, Request]] = {}
+            self._gated: set[tuple[str, str]] = set()
+            started = time.perf_counter()
+            self._drain()
+            self.store.commit()
+            for run in runs:
+                self._finish_stage(run, time.perf_counter() - started)
+
+    def _open_sources(self, run: _StageRun, runs: list[_StageRun], snapshot: frozenset) -> None:
+        """A stage's work at the start of a phase: a root's items; for Each, the committed parent rows (of this
+        snapshot) that this replica owns."""
+        stage = run.stage
+        if stage.reads is None:
+            items = stage.items() if isinstance(stage, Generate) else stage.rows()
+            run.sources.append(self._owned(stage, (([i], it) for i, it in enumerate(items))))
+        elif isinstance(stage.reads, Each):
+            for parent in stage.reads.stages:
+                if self._persisted(parent):
+                    rows = (row for row in self.store.iter_rows(parent, within=snapshot)
+                            if owns(row["key"], self.replica))
+                    run.sources.append(self._children_of_rows(stage, rows))
+
+    def _persisted(self, name: str) -> bool:
+        stage = self.pipeline.stage(name)
+        return not isinstance(stage, Compute) or stage.persist
+
+    def _owned(self, stage: Stage, numbered: Iterable[tuple[Any, Any]]) -> Iterator[_Work]:
+        """Works of a root or whole stage that this replica owns (by the hash of stage and identity)."""
+        for position, item in numbered:
+            ident = self._ident(stage, item, position)
+            if isinstance(stage, Compute):
+                key = (item[0] if isinstance(item, tuple) else item)["key"]
+                if owns(key, self.replica):
+                    yield _Work(item, ident)
+            elif owns(stable_hash([stage.name, ident]), self.replica):
+                yield _Work(item, ident)
+
+    @staticmethod
+    def _ident(stage: Stage, item: Any, position: Any) -> Any:
+        custom = getattr(stage, "ident", None)
+        return custom(item) if custom is not None else position
+
+    def _children_of_rows(self, stage: Stage, rows: Iterable[dict]) -> Iterator[_Work]:
+        for row in rows:
+            yield from self._children(stage, row)
+
+    def _children(self, stage: Stage, parent: dict) -> Iterator[_Work]:
+        """The works of `stage` for one parent row, lazily (items are asked for when first pulled)."""
+        produce = stage.items if isinstance(stage, Generate) else stage.rows
+        for i, item in enumerate(produce(parent)):
+            yield _Work(item, self._ident(stage, item, [parent["key"], i]))
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def _drain(self) -> None:
+        """Serve every engine that has work until no stage has any (compute work is done inline)."""
+        while True:
+            worked = False
+            for engine in self._engine_order():
+                worked |= self._drive(engine)
+            if not worked:
+                return
+
+    def _engine_order(self) -> list[str]:
+        names = [s.engine for s in (r.stage for r in self._phase) if isinstance(s, Generate)]
+        return list(dict.fromkeys(names)) or ["main"]
+
+    def _drive(self, engine: str) -> bool:
+        """Run `engine`'s generate loop over this phase's feed until nothing is left for it; returns whether
+        anything (a request, or compute work) was done."""
+        self._did = False
+        first = self._next(engine)
+        if first is END:
+            return self._did
+        backend = self._engine(engine)
+        by_key = self._by_key
+        bar = _Progress(self._phase, enabled=self.progress)
+
+        def feed() -> Iterator[Request | None]:
+            request = first
+            while request is not END:
+                if request is not None and request.constraint is not None and id(request.constraint) not in self._checked:
+                    backend.preflight([request])  # a constraint the backend cannot enforce fails before it runs
+                    self._checked.add(id(request.constraint))
+                yield request
+                request = self._next(engine)
+
+        for result in backend.generate(feed()):
+            run, work, request = by_key.pop(result.key)
+            run.in_flight -= 1
+            self._take(run, work, request, result)
+            self.store.maybe_commit()
+            bar.update()
+        bar.update(final=True)
+        return True
+
+    def _engine(self, name: str):
+        if name not in self._engines:
+            if name not in self._starters:
+                raise ValueError(f"no engine named {name!r} (engines: {', '.join(self._starters)})")
+            self._engines[name] = self._starters[name]()
+        return self._engines[name]
+
+    def _next(self, engine: str) -> Request | None | object:
+        """The next request for `engine`: deepest stage first; None while the ready queues are empty but
+        requests are in flight; END when nothing is left for this engine. Compute work met on the way is done
+        here."""
+        while True:
+            for run in reversed(self._phase):
+                if not run.sources:
+                    continue
+                if isinstance(run.stage, Generate) and run.stage.engine != engine:
+                    continue
+                work = next(run.sources[0], None)
+                if work is None:
+                    run.sources.popleft()
+                    break  # rescan: a finished source may open a gate
+                self._did = True
+                if isinstance(run.stage, Compute):
+                    self._compute(run, work)
+                    break  # its rows may have queued children deeper down
+                request = self._request(run, work)
+                if request is not None:
+                    return request
+                break
+            else:
+                if any(r.in_flight for r in self._phase if isinstance(r.stage, Generate) and r.stage.engine == engine):
+                    return None
+                if self._open_gates():
+                    continue
+                return END
+
+    def _request(self, run: _StageRun, work: _Work) -> Request | None:
+        """The request of one attempt, or None when its key is done (a reject: its next attempt is queued)."""
+        stage = run.stage
+        request = stage.request(work.item, seed_of(self.seed, stage.name, work.ident, work.attempt))
+        if request.key in self._by_key:
+            return None  # the same request twice in flight (two equal items)
+        state = self.store.key_state(stage.name, request.key)
+        if state is None:
+            run.in_flight += 1
+            run.stats.first = run.stats.first or time.perf_counter()
+            self._by_key[request.key] = (run, work, request)
+            return request
+        run.stats.skipped += 1
+        if state == "reject" and work.attempt + 1 < stage.attempts:
+            run.sources.appendleft(iter([_Work(work.item, work.ident, work.attempt + 1)]))
+        return None
+
+    def _take(self, run: _StageRun, work: _Work, request: Request, result: Result) -> None:
+        """A result: parse it, commit the row or the reject, count it, queue children or the next attempt."""
+        stage, stats = run.stage, run.stats
+        row, reason = stage.parse(request, result)
+        row.setdefault("key", result.key)
+        stats.generated += 1
+        stats.prompt_tokens += result.prompt_tokens
+        stats.output_tokens += result.output_tokens
+        stats.last = time.perf_counter()
+        self.store.record(stage.name, generated=1, accepted=int(reason is None), rejected=int(reason is not None),
+                          prompt_tokens=result.prompt_tokens, output_tokens=result.output_tokens)
+        if reason is None:
+            self.store.add(stage.name, row)
+            stats.accepted += 1
+            self._deliver(run, row)
+            return
+        self.store.reject(stage.name, row, reason)
+        stats.rejected += 1
+        kind = reason.split(":")[0]
+        stats.reject_reasons[kind] = stats.reject_reasons.get(kind, 0) + 1
+        if work.attempt + 1 < stage.attempts:
+            run.sources.appendleft(iter([_Work(work.item, work.ident, work.attempt + 1)]))
+
+    def _compute(self, run: _StageRun, work: _Work) -> None:
+        """One row of a Compute stage: committed (unless done or not persisted) and handed to its children."""
+        stage = run.stage
+        row, reason = work.item if isinstance(work.item, tuple) else (work.item, None)
+        run.stats.first = run.stats.first or time.perf_counter()
+        if stage.persist:
+            if self.store.key_state(stage.name, row["key"]) is not None:
+                run.stats.skipped += 1
+                return
+            (self.store.add(stage.name, row) if reason is None else self.store.reject(stage.name, row, reason))
+            self.store.maybe_commit()
+        run.stats.generated += 1
+        run.stats.last = time.perf_counter()
+        if reason is None:
+            run.stats.accepted += 1
+            self._deliver(run, row)
+        else:
+            run.stats.rejected += 1
+
+    def _deliver(self, parent: _StageRun, row: dict) -> None:
+        """Queue the children of a fresh row: at once where the edge streams; otherwise they are read back from
+        the store when the parent stage is done (_open_gates)."""
+        for run in self._phase:
+            reads = run.stage.reads
+            if isinstance(reads, Each) and parent.stage.name in reads.stages and self._streams(parent, run):
+                run.sources.append(self._children(run.stage, row))
+
+    def _streams(self, parent: _StageRun, child: _StageRun) -> bool:
+        """Whether children go straight to their queue: streaming on (or the parent not stored), and both
+        stages served by one engine (or either computed)."""
+        if isinstance(parent.stage, Compute) and not parent.stage.persist:
+            return True
+        if not self.streaming:
+            return False
+        engines = {s.engine for s in (parent.stage, child.stage) if isinstance(s, Generate)}
+        return len(engines) <= 1
+
+    def _open_gates(self) -> bool:
+        """For edges that do not stream: once a parent stage and everything above it in the phase are idle,
+        queue the children of the rows this replica committed to it in this phase. Returns whether any opened."""
+        opened = False
+        for child in self._phase:
+            reads = child.stage.reads
+            if not isinstance(reads, Each):
+                continue
+            for parent in self._phase[: child.depth]:
+                edge = (parent.stage.name, child.stage.name)
+                if parent.stage.name not in reads.stages or edge in self._gated or self._streams(parent, child):
+                    continue
+                if all(r.idle for r in self._phase[: parent.depth + 1]):
+                    self._gated.add(edge)
+                    self.store.commit()
+                    rows = self.store.iter_rows(parent.stage.name, mine_after=self._snapshot)
+                    child.sources.append(self._children_of_rows(child.stage, rows))
+                    opened = True
+        return opened
+
+    def _finish_stage(self, run: _StageRun, phase_seconds: float) -> None:
+        stats = run.stats
+        if stats.first is not None and stats.last is not None:
+            stats.seconds = stats.last - stats.first
+            self.store.record(run.stage.name, seconds=round(stats.seconds, 3))
+        total = self.stats.setdefault(run.stage.name, StageStats(stage=run.stage.name))
+        for name in ("skipped", "generated", "accepted", "rejected", "prompt_tokens", "output_tokens", "seconds"):
+            setattr(total, name, getattr(total, name) + getattr(stats, name))
+        for reason, n in stats.reject_reasons.items():
+            total.reject_reasons[reason] = total.reject_reasons.get(reason, 0) + n
+        figures = getattr(run.stage, "figures", None)
+        if figures is not None and not run.had_rows and self.replica[0] == 0:
+            self.store.record(run.stage.name, **figures(self.reader))
+        self.store.commit()
+
+    def generated(self) -> StageStats:
+        """The model stages' stats of this launch, summed (what `sdg` prints at the end)."""
+        total = StageStats(stage="all")
+        for name, s in self.stats.items():
+            if isinstance(self.pipeline.stage(name), Generate):
+                for f in ("generated", "accepted", "rejected", "prompt_tokens", "output_tokens", "seconds"):
+                    setattr(total, f, getattr(total, f) + getattr(s, f))
+        return total
+
+
+class _Progress:
+    """One status line per phase: per stage, results so far; output tokens/s. Redrawn in place on a terminal,
+    a line every `every` seconds otherwise (CI logs, files)."""
+
+    def __init__(self, runs: list[_StageRun], enabled: bool = True, every: float = 10.0) -> None:
+        self.runs, self.enabled, self.every = runs, enabled, every
+        self.tty = sys.stderr.isatty()
+        self.start = self.last = time.perf_counter()
+
+    def update(self, final: bool = False) -> None:
+        now = time.perf_counter()
+        if not self.enabled or (not final and now - self.last < (0.5 if self.tty else self.every)):
+            return
+        self.last = now
+        tokens = sum(r.stats.output_tokens for r in self.runs)
+        parts = [f"{r.stage.name} {r.stats.accepted}+{r.stats.rejected}rej" for r in self.runs
+                 if r.stats.generated or r.in_flight]
+        line = f"[{' | '.join(parts)}] {tokens / max(now - self.start, 1e-9):,.0f} output tok/s"
+        if self.tty:
+            print("\r" + line.ljust(100), end="\n" if final else "", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)

@@ -1,0 +1,154 @@
+"""Running a method: a run config (engine.config) + its method's declared pipeline -> a run directory.
+
+    config = load_run_config(Path("configs/echo.yaml"))     # every field checked, before any model loads
+    out, manifest, stats = run_method(config, Path("runs/echo"))
+
+`run_method` is the same for every method and every replica: it opens the store, builds the method's pipeline
+(`module.pipeline(params, ctx)`), runs it with the core (engine.pipeline.core.Executor), and, on replica 0,
+publishes the declared stage once every replica is done.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Callable
+
+from pydantic import ValidationError
+
+from engine.config import ConfigError, RunConfig, first_error, load_yaml_mapping, validated
+
+# Part of every run's identity: runs written before the pipeline core (whose keys and seeds were each method's
+# own) are refused on resume rather than mixed with rows keyed the new way.
+PIPELINE_VERSION = 2
+
+
+def load_run_config(path: Path) -> RunConfig:
+    """A run config file, with its method's params validated (one ConfigError naming the problem)."""
+    config = validated(RunConfig, load_yaml_mapping(path, "config file"), str(path))
+    config._source = path
+    method_config(config)  # fail now on bad params, before any model loads
+    return config
+
+
+def method_config(config: RunConfig):
+    """The method's own Config from `config.params` (relative paths resolved against the config's folder)."""
+    from engine import methods
+    module = methods.load(config.method)
+    params = dict(config.params)
+    base = config._source
+    try:
+        if base is not None and hasattr(module, "resolve_paths"):
+            params = module.resolve_paths(params, Path(base).parent)
+        return module.Config.model_validate(params)
+    except ValidationError as e:
+        raise ConfigError(first_error(e, f"params of method {config.method}")) from None
+
+
+def file_identity(path: str) -> dict | str:
+    """An input file as the run's identity sees it: its name and the sha256 of its bytes, not where it lies, so
+    a run resumes from another working folder or a moved checkout, and refuses to when the file's content
+    changed. A path that is not a readable file stays as it is (the method reports it)."""
+    try:
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return path
+    return {"file": Path(path).name, "sha256": digest}
+
+
+def run_payload(config: RunConfig, params=None, model_id: dict | None = None) -> dict:
+    """What identifies a run (hashed by the store): the config with the method's validated params and the
+    model's fingerprint, without the settings that do not change what is generated (store, parallel)."""
+    from engine import methods, models
+    params = params if params is not None else method_config(config)
+    model_id = model_id or models.identity(models.prepare(config.model))
+    payload = config.model_dump(mode="json")
+    payload["params"] = params.model_dump(mode="json")
+    for name in getattr(methods.load(config.method), "FILE_PARAMS", ()):
+        if isinstance(payload["params"].get(name), str):
+            payload["params"][name] = file_identity(payload["params"][name])
+    for f in (payload.get("quality") or {}).get("decontam_files") or []:
+        if isinstance(f, dict) and isinstance(f.get("path"), str):
+            f["path"] = file_identity(f["path"])
+    payload["model_fingerprint"] = model_id["fingerprint"]
+    payload["pipeline"] = PIPELINE_VERSION
+    payload.pop("store", None)  # commit cadence does not change what is generated
+    payload.pop("parallel", None)  # nor does how many replicas generate it: resume with any N
+    return payload
+
+
+def build_pipeline(config: RunConfig, params=None, ctx=None):
+    """The method's declared pipeline (no model, no store: cheap), e.g. to check `--stop-after` up front."""
+    from engine import methods
+    module = methods.load(config.method)
+    params = params if params is not None else method_config(config)
+    ctx = ctx or methods.Context(out=Path("."), seed=config.seed, model_name="model")
+    return module.pipeline(params, ctx)
+
+
+def check_stop_after(config: RunConfig, stop_after: str | None) -> None:
+    """Refuse an unknown `--stop-after` for any method, before anything runs (StopAfterError: a ConfigError)."""
+    from engine.pipeline.core import check_stop_after as check
+    if stop_after is not None:
+        check(build_pipeline(config), stop_after)
+
+
+def run_method(config: RunConfig, out: Path, *, new: bool = False, stop_after: str | None = None,
+               replica: tuple[int, int] = (0, 1), progress: bool = True, session: str | None = None,
+               engine_overrides: dict | None = None, streaming: bool = True,
+               engines: dict[str, Callable[[], Any]] | None = None):
+    """Run `config`'s method into run dir `out`; returns (run dir, manifest, the model stages' summed stats).
+
+    With `replica=(i, N)`, N > 1, this process is replica i of the launch named `session` (engine.parallel
+    starts them): it generates only what it owns, meets the others where a stage reads whole stages, and
+    replica 0 publishes once all of them are done; the others return manifest None. `engine_overrides` (a
+    replica's GPU memory share, tensor parallelism) reach the backend, not the run hash. `engines` replaces
+    the engine starters (benchmarks and tests lend one).
+    """
+    from engine import methods, models
+    from engine.backends.loader import load_backend
+    from engine.pipeline.core import Executor
+    from engine.quality import QualityConfig
+    from engine.store import RunStore
+
+    params = method_config(config)
+    check_stop_after(config, stop_after)
+    # Methods publish deduplicated rows by default; `quality: {exact_dedup: false, ...}` turns filters off.
+    quality = QualityConfig.model_validate(config.quality or {})
+    quality.check_files()
+    model_dir = models.prepare(config.model)
+    model_id = models.identity(model_dir)
+    payload = run_payload(config, params, model_id)
+    store = RunStore.open(out, payload, new=new, writer=f"r{replica[0]}",
+                          commit_rows=config.store.commit_rows, commit_seconds=config.store.commit_seconds,
+                          identity={"model": model_id})
+    engine_opts = {**config.engine, **(engine_overrides or {})}
+    sync = None
+    if replica[1] > 1:
+        from engine.parallel.sync import ReplicaSync
+        sync = ReplicaSync(store, replica, session)
+    serialized = sync.serialized if sync else (lambda start: start)  # engine start-ups, one per GPU at a time
+
+    def starter(model: Path) -> Callable[[], Any]:
+        return serialized(lambda: load_backend(config.backend, str(model), grammar_backend=config.grammar_backend,
+                                               seed=config.seed, **engine_opts))
+
+    ctx = methods.Context(out=store.out, seed=config.seed, model_name=model_id["fingerprint"],
+                          start_engine=starter, progress=progress)
+    pipeline = build_pipeline(config, params, ctx)
+    executor = Executor(pipeline, store, engines or {"main": starter(model_dir)}, seed=config.seed,
+                        replica=replica, sync=sync, quality=quality, progress=progress, streaming=streaming)
+    try:
+        complete = executor.run(stop_after)
+    finally:
+        store.commit()
+        if engines is None:
+            executor.close_engines()
+    if sync is not None:
+        sync.finish()  # every replica's work is committed before replica 0 publishes
+    stats = executor.generated()
+    if not complete or replica[0] != 0:  # stopped early on purpose, or not the publishing replica
+        store.close()
+        return store.out, None, stats
+    manifest = store.finalize(pipeline.publish.stage, quality=quality, text_fields=pipeline.publish.text_fields)
+    store.close()
+    return store.out, manifest, stats
