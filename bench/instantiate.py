@@ -3,7 +3,7 @@
     sdg bench instantiate [--per-template N] [--million] [--tag NAME]
 
 Side by side in one run on the same shipped seed templates:
-  ours      engine.tdg.instantiate: each template compiled once, exact int/Fraction arithmetic, no sympy
+  ours      engine.methods.tdg.instantiate: each template compiled once, exact int/Fraction arithmetic, no sympy
   baseline  TemplateMath's way: exec the template's Python source for every problem (bench/tdg_baseline.py)
 Both on one core; ours also with every core. --million streams 1,000,000 rows through `instantiate` in a child
 process and reports its peak RSS. Writes bench/results/instantiate-<tag>.json.
@@ -25,14 +25,14 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 
 def seed_specs():
-    from engine.tdg.instantiate import TemplateSpec
-    from engine.tdg.template import DATA_DIR
+    from engine.methods.tdg.instantiate import TemplateSpec
+    from engine.methods.tdg.template import DATA_DIR
     raws = [json.loads(l) for l in (DATA_DIR / "seed_templates.jsonl").read_text().splitlines() if l.strip()]
     return [TemplateSpec(r, "seed", {"verified": True}) for r in raws]
 
 
 def all_cores_rows_per_s(specs, n_per_template: int) -> tuple[float, int]:
-    from engine.tdg.instantiate import instantiate
+    from engine.methods.tdg.instantiate import instantiate
     workers = os.cpu_count() or 1
     start = time.perf_counter()
     n = sum(1 for _ in instantiate(specs, n_per_template=n_per_template, seed=0, workers=workers))
@@ -42,7 +42,7 @@ def all_cores_rows_per_s(specs, n_per_template: int) -> tuple[float, int]:
 def million_rows_peak_rss() -> dict:
     """Stream 1M rows in a fresh child process (so its peak RSS is only this), counting them."""
     code = ("import sys, json, time, resource; sys.path.insert(0, %r); sys.path.insert(0, %r)\n"
-            "from instantiate import seed_specs\nfrom engine.tdg.instantiate import instantiate\n"
+            "from instantiate import seed_specs\nfrom engine.methods.tdg.instantiate import instantiate\n"
             "specs = seed_specs(); per = -(-1_000_000 // len(specs)); t = time.perf_counter()\n"
             "n = sum(1 for _ in instantiate(specs, n_per_template=per, seed=0, workers=1))\n"
             "print(json.dumps({'rows': n, 'seconds': round(time.perf_counter() - t, 2),"

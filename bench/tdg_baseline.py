@@ -14,9 +14,9 @@ import hashlib
 import json
 import time
 
-from engine.tdg import expr as X
-from engine.tdg.compile import ROUND_HALF_UP_SRC
-from engine.tdg.template import CheckedTemplate, Word
+from engine.methods.tdg import expr as X
+from engine.methods.tdg.compile import ROUND_HALF_UP_SRC
+from engine.methods.tdg.template import CheckedTemplate, Word
 
 
 def _text(parts, places: dict[str, int]) -> str:
@@ -84,10 +84,10 @@ def baseline_rows_per_s(templates: list[CheckedTemplate], *, n_per_template: int
 
 
 def bench_rows_per_s(templates: list, *, n_per_template: int = 2000, seed: int = 0, baseline_n: int = 200) -> dict:
-    """Rows/s on ONE core of our compiled instantiation (engine.tdg.instantiate, workers=1, compile time
-    included) vs exec-per-problem on the same templates. `templates`: engine.tdg.instantiate.TemplateSpec."""
-    from engine.tdg.instantiate import instantiate
-    from engine.tdg.template import check_template
+    """Rows/s on ONE core of our compiled instantiation (engine.methods.tdg.instantiate, workers=1, compile time
+    included) vs exec-per-problem on the same templates. `templates`: engine.methods.tdg.instantiate.TemplateSpec."""
+    from engine.methods.tdg.instantiate import instantiate
+    from engine.methods.tdg.template import check_template
     t0 = time.perf_counter()
     n = sum(1 for _ in instantiate(templates, n_per_template=n_per_template, seed=seed, workers=1))
     ours = n / (time.perf_counter() - t0)
@@ -101,8 +101,8 @@ if __name__ == "__main__":
     import platform
     from pathlib import Path
 
-    from engine.tdg.instantiate import TemplateSpec
-    from engine.tdg.template import DATA_DIR
+    from engine.methods.tdg.instantiate import TemplateSpec
+    from engine.methods.tdg.template import DATA_DIR
     raws = [json.loads(l) for l in (DATA_DIR / "seed_templates.jsonl").read_text().splitlines() if l.strip()]
     result = bench_rows_per_s([TemplateSpec(r, "seed", {"verified": True}) for r in raws])
     result["machine"] = platform.processor() or platform.machine()

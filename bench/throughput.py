@@ -5,7 +5,7 @@
 
 One process, one vLLM engine. Each repetition runs, back to back on the same prompts, sampling and seeds:
   raw     one `LLM.generate` call over all prompts (nothing persisted)
-  engine  `run_stage` through the run store (rows committed as they finish, as in a real run)
+  engine  the pipeline core through the run store (rows committed as they finish, as in a real run)
 With --constraint, two more runs measure what the constraint costs at EQUAL output length:
   constrained    raw `LLM.generate` with the constraint
   unconstrained  raw `LLM.generate` without it, each request forced (ignore_eos) to the length its
@@ -103,14 +103,20 @@ def raw_generate(backend, requests, lengths: list[int] | None = None) -> dict:
 
 
 def engine_generate(backend, requests) -> dict:
-    """The engine's path: add/step loop, each Result committed to a real run store as it finishes."""
-    from engine.runner import run_stage
+    """The engine's path: the pipeline core's add/step loop, each Result committed to a real run store as it
+    finishes (a one-stage pipeline over these requests, as `sdg generate` runs)."""
+    from engine.pipeline.core import Executor, result_row
+    from engine.pipeline.stages import Generate, Pipeline, Publish
     from engine.store import RunStore
+    pipeline = Pipeline([Generate("bench", items=lambda: requests, request=lambda r, seed: r, parse=result_row,
+                                  ident=lambda r: r.key)], Publish("bench", ["output"]))
     with tempfile.TemporaryDirectory(prefix="sdg-bench-") as tmp:
         store = RunStore.open(Path(tmp) / "run", {"bench": requests[0].key}, commit_rows=256, commit_seconds=30)
-        stats = run_stage(backend, store, "bench", requests, progress=False)
+        executor = Executor(pipeline, store, {"main": lambda: backend}, progress=False)
+        executor.run()
+        stats = executor.stats["bench"]
         store.close()
-    lengths = []  # run_stage reports totals; per-request lengths are not needed here
+    lengths = []  # the core reports totals; per-request lengths are not needed here
     return {**_figures(stats.seconds, stats.generated, stats.prompt_tokens, lengths, stats.accepted),
             "output_tokens": stats.output_tokens,
             "output_tok_per_s": round(stats.output_tokens / stats.seconds, 1)}

@@ -2,7 +2,8 @@
 
     sdg model prepare|path [--model PATH]
     sdg generate --prompts FILE.jsonl --out DIR [--schema FILE] [--backend vllm|transformers] [--model PATH] ...
-    sdg run CONFIG.yaml --out DIR [--new] [--replicas N [--ray [ADDRESS]] [--engines-per-gpu K]]
+                 [--replicas N [--ray [ADDRESS]]]    (a one-stage pipeline: engine.methods.generate)
+    sdg run CONFIG.yaml --out DIR [--new] [--stop-after STAGE] [--replicas N [--ray [ADDRESS]] [--engines-per-gpu K]]
     sdg export DIR --format jsonl|parquet --to PATH
     sdg bench throughput|instantiate|replicas ...
 
@@ -29,6 +30,20 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help=f"structured-output backend (default {DEFAULT_GRAMMAR_BACKEND})")
 
 
+def _add_replica_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--replicas", type=int, default=None, metavar="N",
+                   help="N replicas share the run (processes, or Ray actors with --ray); docs/scale-out.md")
+    p.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                   help="replicas as Ray actors: 'auto' (default: this machine's cluster, else a local one), "
+                        "'local' (a private cluster on 127.0.0.1), or HOST:PORT")
+    p.add_argument("--engines-per-gpu", type=int, default=None, metavar="K",
+                   help="replicas sharing one GPU (default: chosen from model size, GPU memory and cores)")
+    p.add_argument("--replica", default=None, help="INDEX/COUNT: run only this replica (launched by hand, "
+                   "one per machine or process; needs --session)")
+    p.add_argument("--session", default=None, help="with --replica: a name shared by the replicas of one "
+                   "launch, new for each launch")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdg", description="Offline synthetic-data engine")
     parser.add_argument("-v", "--verbose", action="store_true", help="show vLLM's own logs")
@@ -50,23 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--new", action="store_true", help="start a separate run dir instead of resuming OUT")
     gen.add_argument("--commit-rows", type=int, default=1000)
     gen.add_argument("--commit-seconds", type=float, default=30.0)
+    _add_replica_args(gen)
 
     run = sub.add_parser("run", help="run a method (TDG, TarGEN, GLAN) from a YAML config")
     run.add_argument("config", type=Path)
     run.add_argument("--out", required=True, type=Path)
     run.add_argument("--new", action="store_true", help="start a separate run dir instead of resuming OUT")
     run.add_argument("--stop-after", default=None, help="stop after this stage (e.g. GLAN's taxonomy, to edit it)")
-    run.add_argument("--replicas", type=int, default=None, metavar="N",
-                     help="N replicas share the run (processes, or Ray actors with --ray); docs/scale-out.md")
-    run.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
-                     help="replicas as Ray actors: 'auto' (default: this machine's cluster, else a local one), "
-                          "'local' (a private cluster on 127.0.0.1), or HOST:PORT")
-    run.add_argument("--engines-per-gpu", type=int, default=None, metavar="K",
-                     help="replicas sharing one GPU (default: chosen from model size, GPU memory and cores)")
-    run.add_argument("--replica", default=None, help="INDEX/COUNT: run only this replica (launched by hand, "
-                     "one per machine or process; needs --session)")
-    run.add_argument("--session", default=None, help="with --replica: a name shared by the replicas of one "
-                     "launch, new for each launch")
+    _add_replica_args(run)
     _add_engine_args(run)
 
     export = sub.add_parser("export", help="export a run's dataset")
@@ -75,8 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--to", required=True, type=Path)
 
     bench = sub.add_parser("bench", help="benchmarks (see bench/)")
-    bench.add_argument("what", choices=["throughput", "instantiate", "replicas"])
+    bench.add_argument("what", choices=["throughput", "instantiate", "replicas", "pipeline"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
+
+    from engine.bundle import add_arguments as add_bundle_arguments
+    bundle = sub.add_parser("bundle", help="wheels, project, model and an offline installer for a server with "
+                            "no network, in checksummed pieces (docs/gpu.md)")
+    add_bundle_arguments(bundle)
     return parser
 
 
@@ -88,55 +99,57 @@ def cmd_model(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    """A one-stage pipeline (engine.methods.generate) over the prompts file, launched like `sdg run`."""
     from engine import models
-    from engine.backends.loader import load_backend
-    from engine.backends.vllm import unsupported_features
-    from engine.constraints import Constraint, ConstraintError
-    from engine.prompts_file import build_requests
+    from engine.config import RunConfig
+    from engine.constraints import Constraint
     from engine.request import Sampling
-    from engine.runner import run_stage
-    from engine.store import RunStore
 
     backend_name = args.backend or "vllm"
     grammar = args.grammar_backend or DEFAULT_GRAMMAR_BACKEND
     sampling = Sampling(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p)
-    model_dir = models.prepare(args.model)
-    model_id = models.identity(model_dir)
+    model_id = models.identity(models.prepare(args.model))
     default_schema = Constraint.json_schema(args.schema) if args.schema else None
-    requests = build_requests(args.prompts, model_name=model_id["fingerprint"], defaults=sampling, seed=args.seed,
-                              default_schema=default_schema)
     if backend_name == "vllm":  # known-unsupported keywords fail here, before a 70 s engine start
-        for r in requests:
-            if r.constraint is not None and r.constraint.kind == "json":
-                bad = unsupported_features(r.constraint.spec, grammar)
-                if bad:
-                    raise ConstraintError(f"the {grammar} grammar backend cannot enforce {', '.join(bad)} "
-                                          f"(JSON Schema of line {requests.index(r) + 1})")
-    config = {"command": "generate", "prompts_sha256": _sha256(args.prompts), "schema": default_schema.spec
-              if default_schema else None, "backend": backend_name, "grammar_backend": grammar,
-              "model": model_id["fingerprint"], "sampling": sampling.model_dump(), "seed": args.seed}
-    RunStore.check(args.out, config, new=args.new)
-    backend = load_backend(backend_name, str(model_dir), grammar_backend=grammar)
-    backend.preflight(requests)
-    store = RunStore.open(args.out, config, new=args.new, commit_rows=args.commit_rows,
-                          commit_seconds=args.commit_seconds, identity=backend.identity())
-    for r in requests:
-        r.meta.update(model=model_id["name"], backend=backend_name, grammar_backend=grammar)
-    stats = run_stage(backend, store, "generate", requests)
-    manifest = store.finalize("generate", quality=None, text_fields=["output"])
-    store.close()
-    _summary(store.out, manifest, stats)
-    return 0
+        _check_grammar_support(args.prompts, grammar, default_schema)
+    config = RunConfig(method="generate", model=args.model, backend=backend_name, grammar_backend=grammar,
+                       seed=args.seed, store={"commit_rows": args.commit_rows, "commit_seconds": args.commit_seconds},
+                       params={"prompts": str(args.prompts.resolve()), "sampling": sampling.model_dump(),
+                               "schema": default_schema.spec if default_schema else None,
+                               "meta": {"model": model_id["name"], "backend": backend_name, "grammar_backend": grammar}})
+    return _launch(config, args, stop_after=None)
+
+
+def _check_grammar_support(prompts: Path, grammar: str, default_schema) -> None:
+    """Every line's JSON Schema against the keywords `grammar` cannot enforce: ConstraintError naming the line."""
+    from engine.backends.vllm import unsupported_features
+    from engine.constraints import ConstraintError
+    from engine.prompts_file import line_request, read_lines
+    from engine.request import Sampling
+    for index, line in enumerate(read_lines(prompts)):
+        c = line_request(line, index, prompts, model_name="", defaults=Sampling(), seed=0,
+                         default_schema=default_schema).constraint
+        bad = unsupported_features(c.spec, grammar) if c is not None and c.kind == "json" else []
+        if bad:
+            raise ConstraintError(f"the {grammar} grammar backend cannot enforce {', '.join(bad)} "
+                                  f"(JSON Schema of line {index + 1})")
 
 
 def cmd_run(args) -> int:
-    from engine.pipeline.run import check_stop_after, load_run_config, run_method
+    from engine.pipeline.run import check_stop_after, load_run_config
     config = load_run_config(args.config)
     for flag in ("model", "backend", "grammar_backend"):
         if getattr(args, flag):
             setattr(config, flag, getattr(args, flag))
+    check_stop_after(config, args.stop_after)  # for every method, before any model loads or replica starts
+    return _launch(config, args, stop_after=args.stop_after)
+
+
+def _launch(config, args, stop_after: str | None) -> int:
+    """Run `config` here, as one replica (--replica I/N), or as N replicas (--replicas N, --ray)."""
     from engine.config import ConfigError, ParallelSettings
     from engine.parallel.placement import ReplicaError
+    from engine.pipeline.run import run_method
     parallel = config.parallel.model_dump()
     for flag, field in (("replicas", "replicas"), ("ray", "ray_address"), ("engines_per_gpu", "engines_per_gpu")):
         if getattr(args, flag) is not None:
@@ -151,14 +164,13 @@ def cmd_run(args) -> int:
         if replica[1] > 1 and (not args.session or args.new):
             raise ConfigError("--replica INDEX/COUNT needs --session NAME (the same for every replica of this "
                               "launch) and no --new; or let `--replicas N` start them all")
-    check_stop_after(config, args.stop_after)  # for every method, before any model loads or replica starts
     try:
         if args.replica is None and (config.parallel.replicas > 1 or config.parallel.ray_address):
             from engine.parallel.launch import run_parallel
-            out, manifest = run_parallel(config, args.out, new=args.new, stop_after=args.stop_after)
+            out, manifest = run_parallel(config, args.out, new=args.new, stop_after=stop_after)
             stats = None
         else:
-            out, manifest, stats = run_method(config, args.out, new=args.new, stop_after=args.stop_after,
+            out, manifest, stats = run_method(config, args.out, new=args.new, stop_after=stop_after,
                                               replica=replica, session=args.session)
     except ReplicaError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -187,9 +199,10 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+def cmd_bundle(args) -> int:
+    from engine.bundle import build
+    build(args)
+    return 0
 
 
 def _summary(out: Path, manifest: dict | None, stats) -> None:
@@ -217,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     handlers = {"model": cmd_model, "generate": cmd_generate, "run": cmd_run, "export": cmd_export,
-                "bench": cmd_bench}
+                "bench": cmd_bench, "bundle": cmd_bundle}
     try:
         return handlers[args.command](args)
     except user_errors() as e:

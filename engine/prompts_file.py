@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from engine.constraints import Constraint, ConstraintError
 from engine.jsonl import read_objects
-from engine.request import Request, Sampling, stable_hash
+from engine.request import Request, Sampling
 
 
 class InputError(ValueError):
@@ -87,26 +87,21 @@ def _constraint(line: PromptLine, base: Path, default_schema: Constraint | None)
     return default_schema
 
 
-def build_requests(path: Path, *, model_name: str, defaults: Sampling, seed: int,
-                   default_schema: Constraint | None = None, stage: str = "generate") -> list[Request]:
-    """One Request per line. A line without its own seed gets one derived from the run seed and its line
-    index, so every request is seeded and a resumed run reproduces an uninterrupted one."""
-    requests = []
-    for index, line in enumerate(read_lines(path)):
-        try:
-            constraint = _constraint(line, path.parent, default_schema)
-            overrides = {k: v for k in ("max_tokens", "temperature", "top_p")
-                         if (v := getattr(line, k)) is not None}
-            sampling = Sampling(**{**defaults.model_dump(), **overrides})
-        except (ConstraintError, ValidationError, ValueError) as e:
-            message = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
-            raise InputError(f"{path}: request {index + 1}: {message}") from None
-        line_seed = line.seed if line.seed is not None else int(stable_hash([seed, index], 8), 16) % (2**31)
-        extra = dict(line.model_extra or {})
-        extra.pop("key", None)  # ours: the request key
-        meta = {**extra, "prompt": line.prompt, "messages": line.messages,
-                "constraint": constraint.kind if constraint else None}
-        requests.append(Request.build(stage=stage, model=model_name, messages=line.messages, prompt=line.prompt,
-                                      constraint=constraint, sampling=sampling, seed=line_seed, meta=meta,
-                                      salt=index))
-    return requests
+def line_request(line: PromptLine, index: int, path: Path, *, model_name: str, defaults: Sampling, seed: int,
+                 default_schema: Constraint | None = None, meta: dict | None = None,
+                 stage: str = "generate") -> Request:
+    """The Request of line `index` (0-based) of the prompts file `path`: its own seed if it has one, else `seed`."""
+    try:
+        constraint = _constraint(line, path.parent, default_schema)
+        overrides = {k: v for k in ("max_tokens", "temperature", "top_p") if (v := getattr(line, k)) is not None}
+        sampling = Sampling(**{**defaults.model_dump(), **overrides})
+    except (ConstraintError, ValidationError, ValueError) as e:
+        message = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
+        raise InputError(f"{path}: request {index + 1}: {message}") from None
+    extra = dict(line.model_extra or {})
+    extra.pop("key", None)  # ours: the request key
+    row_meta = {**extra, "prompt": line.prompt, "messages": line.messages,
+                "constraint": constraint.kind if constraint else None, **(meta or {})}
+    return Request.build(stage=stage, model=model_name, messages=line.messages, prompt=line.prompt,
+                         constraint=constraint, sampling=sampling, seed=line.seed if line.seed is not None else seed,
+                         meta=row_meta, salt=index)

@@ -50,7 +50,7 @@ def committed_keys(out: Path) -> dict[str, list[str]]:
     keys: dict[str, list[str]] = {}
     for kind in ("stages", "rejects"):
         for f in sorted((out / kind).glob("*/*.parquet")):
-            if not f.parent.name.startswith("_"):
+            if not f.parent.name.startswith("_") and not f.name.startswith("."):  # not a temp file
                 keys.setdefault(f.parent.name, []).extend(pq.read_table(f).column("key").to_pylist())
     return keys
 

@@ -17,12 +17,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from engine.config import ParallelSettings, load_run_config, run_method, run_payload
+from engine.config import ParallelSettings
 from engine.parallel.launch import run_parallel
 from engine.parallel.placement import GIB, Gpu, ReplicaError, choose_engines_per_gpu, plan_local
 from engine.parallel.ray_actors import ray_resources
 from engine.parallel.sync import ReplicaSync
-from engine.runner import owns
+from engine.pipeline.core import Executor, seed_of
+from engine.pipeline.run import load_run_config, run_method, run_payload
+from engine.pipeline.stages import Compute, Each, Pipeline, Publish, Whole
 from engine.store import RunStore
 
 from conftest import committed_keys, sdg
@@ -125,38 +127,46 @@ def test_parallel_settings_are_checked_and_not_hashed(echo_config):
         load_run_config(echo_config))
 
 
-def test_replica_store_waits_for_all_parents_and_splits_keys(tmp_path):
-    """Two replicas (threads, each with its own store handle): a whole-stage read returns only once both
-    shares are committed, and rows computed by both (no model) are committed once, by their owner."""
+def test_replicas_meet_only_at_whole_reads_and_children_follow_their_parents(tmp_path):
+    """Two replicas (threads, each with its own store writer) run a pipeline with no model: a root stage split
+    by key, a child stage per parent row (no meeting: each child goes with its parent), and a stage reading the
+    whole root stage, which starts only once both shares are committed. Every key is committed once."""
     keys = [f"{i:08x}" + "ab" * 12 for i in range(10)]
     seen: dict[int, list[str]] = {}
     errors = []
+
+    def whole(reader, round_):
+        rows = reader.rows("a")  # every replica's share: the meeting before this stage guarantees it
+        seen.setdefault(threading.current_thread().name, []).extend(r["key"] for r in rows)
+        return [{"key": "w" + r["key"]} for r in rows]
+
+    pipeline = Pipeline([Compute("a", rows=lambda: [{"key": k} for k in keys]),
+                         Compute("b", reads=Each("a"), rows=lambda parent: [{"key": "b" + parent["key"]}]),
+                         Compute("c", reads=Whole("a"), rows=whole)], Publish("c", ["key"]))
 
     def replica(i: int, delay: float) -> None:
         try:
             store = RunStore.open(tmp_path / "run", {"method": "t"}, writer=f"r{i}")
             sync = ReplicaSync(store, (i, 2), "s1")
             time.sleep(delay)
-            for k in keys:  # the model stage: each replica generates what it owns (as run_stage does)
-                if owns(k, (i, 2)):
-                    sync.store.add("a", {"key": k})
-            seen[i] = [r["key"] for r in sync.store.rows("a")]  # needs every parent: waits
-            for r in sync.store.rows("a"):  # a step without the model, computed by both
-                sync.store.add("b", {"key": r["key"], "from": i})
+            Executor(pipeline, store, {}, replica=(i, 2), sync=sync, progress=False).run()
             sync.finish()
             store.close()
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=replica, args=(i, d), daemon=True) for i, d in ((0, 0.0), (1, 1.0))]
+    threads = [threading.Thread(target=replica, args=(i, d), name=f"t{i}", daemon=True)
+               for i, d in ((0, 0.0), (1, 1.0))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
     assert not errors
-    assert seen[0] == seen[1] == sorted(keys)
-    b = committed_keys(tmp_path / "run")["b"]
-    assert sorted(b) == sorted(keys)  # once each
+    assert sorted(seen["t0"]) == sorted(seen["t1"]) == sorted(keys)
+    committed = committed_keys(tmp_path / "run")
+    assert sorted(committed["a"]) == sorted(keys)  # once each, by their owners
+    assert sorted(committed["b"]) == sorted("b" + k for k in keys)
+    assert sorted(committed["c"]) == sorted("w" + k for k in keys)
     with pytest.raises(ValueError, match="session"):
         ReplicaSync(RunStore.open(tmp_path / "run", {"method": "t"}, writer="r5"), (0, 2), None)
 
@@ -277,7 +287,7 @@ def test_two_vllm_replica_processes_split_both_stages(tmp_path, model_dir):
     own core. Stage 1's keys are exactly the config's requests and stage 2's exactly the children of the
     committed stage-1 rows (so each replica read the other's share), none twice, both replicas generating."""
     from engine import models
-    from engine.methods import echo
+    from engine.methods import Context, echo
     config_path = tmp_path / "echo.yaml"
     config_path.write_text(ECHO.replace("backend: transformers", "backend: vllm\nengine: {max_num_seqs: 16}")
                            .replace("prompts: 6", "prompts: 12"))
@@ -286,13 +296,18 @@ def test_two_vllm_replica_processes_split_both_stages(tmp_path, model_dir):
     assert r.returncode == 0, r.stderr[-3000:]
     pinned = re.findall(r"replica (\d)/2: CPU core\(s\) ([\d,-]+),", r.stderr)
     assert [i for i, _ in pinned] == ["0", "1"] and pinned[0][1] != pinned[1][1]  # each on its own cores
-    params = echo.Config.model_validate(load_run_config(config_path).params)
-    fingerprint = models.identity(model_dir)["fingerprint"]
+    config = load_run_config(config_path)
+    pipeline = echo.pipeline(echo.Config.model_validate(config.params),
+                             Context(out=out, model_name=models.identity(model_dir)["fingerprint"]))
+    first, second = pipeline.stages
     committed = committed_keys(out)
-    assert sorted(committed["first"]) == sorted(q.key for q in echo.first_requests(params, fingerprint))
-    with RunStore.open(out, run_payload(load_run_config(config_path))) as store:
+    assert sorted(committed["first"]) == sorted(first.request(i, seed_of(config.seed, "first", [i], 0)).key
+                                                for i in first.items())
+    with RunStore.open(out, run_payload(config)) as store:
         parents = store.rows("first")
-    assert sorted(committed["second"]) == sorted(q.key for q in echo.second_requests(params, fingerprint, parents))
+    assert sorted(committed["second"]) == sorted(
+        second.request(item, seed_of(config.seed, "second", [p["key"], j], 0)).key
+        for p in parents for j, item in enumerate(second.items(p)))
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["dataset"]["num_rows"] == 12
     assert {w for w, s in manifest["writers"].items() if s["commits"]} == {"r0", "r1"}

@@ -1,7 +1,10 @@
-"""SIGKILL at five points of a commit, then resume: exactly the rows of an uninterrupted run, none
-missing, none duplicated, and no committed row generated twice by the model (real model, real store)."""
+"""SIGKILL at the points of a commit, then resume: exactly the rows of an uninterrupted run, none missing,
+none duplicated, and no committed row generated twice by the model (real model, real store), for each method
+shape: echo (two streamed model stages), generate (one stage from a prompts file) and TDG (model templates,
+then instantiated problems computed per template)."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -10,17 +13,50 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, committed_keys
 
-N = 20
 WORKER = ROOT / "tests" / "scripts" / "resume_worker.py"
+CONFIGS = {
+    "echo": """method: echo
+backend: transformers
+seed: 1
+store: {commit_rows: 3, commit_seconds: 60}
+quality: {exact_dedup: false, near_dedup: false}
+params: {prompts: 10, follow_ups: 1, sampling: {max_tokens: 3, temperature: 0.9}}
+""",
+    "generate": """method: generate
+backend: transformers
+seed: 2
+store: {commit_rows: 3, commit_seconds: 60}
+quality: {exact_dedup: false, near_dedup: false}
+params: {prompts: PROMPTS, sampling: {max_tokens: 3, temperature: 0.9}}
+""",
+    "tdg": """method: tdg
+backend: transformers
+seed: 3
+store: {commit_rows: 40, commit_seconds: 60}
+params: {topics: [speed], templates_per_topic: 2, problems_per_template: 6, verify_instances: 2, few_shot: 1,
+         sampling: {max_tokens: 24, temperature: 0.9}}
+""",
+}
+KILLS = {"echo": ["before_shard_write:2", "shard_write:3", "after_rename:2", "manifest_write:2", "after_commit:4"],
+         "generate": ["shard_write:2", "after_commit:3"],
+         "tdg": ["after_rename:3", "after_commit:5"]}
 
 
-def _run(out, log, kill_at=None):
+def _config(tmp_path, method):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": i, "prompt": f"Item {i}:"}) + "\n" for i in range(12)))
+    path = tmp_path / f"{method}.yaml"
+    path.write_text(CONFIGS[method].replace("PROMPTS", str(prompts)))
+    return path
+
+
+def _run(config, out, log, kill_at=None):
     env = {k: v for k, v in os.environ.items() if k != "SDG_KILL_AT"}
     if kill_at:
         env["SDG_KILL_AT"] = kill_at
-    return subprocess.run([sys.executable, str(WORKER), str(out), str(log), str(N)], env=env, cwd=ROOT,
+    return subprocess.run([sys.executable, str(WORKER), str(config), str(out), str(log)], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -28,35 +64,39 @@ def _dataset(out):
     rows = []
     for path in sorted((out / "data").glob("*.parquet")):
         rows += pq.read_table(path).to_pylist()
-    return {r["key"]: r["output"] for r in rows}
+    text = {"tdg": "problem"}.get(out.parent.name, "output")
+    return {r["key"]: r.get(text, r.get("output")) for r in rows}
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    base = tmp_path_factory.mktemp("baseline")
-    proc = _run(base / "out", base / "log")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return _dataset(base / "out")
+    datasets = {}
+
+    def get(method):
+        if method not in datasets:
+            base = tmp_path_factory.mktemp(f"baseline-{method}")
+            proc = _run(_config(base, method), base / method, base / "log")
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            datasets[method] = _dataset(base / method)
+        return datasets[method]
+    return get
 
 
-@pytest.mark.parametrize("kill_at", ["before_shard_write:2", "shard_write:3", "after_rename:2",
-                                     "manifest_write:2", "after_commit:4"])
-def test_sigkill_then_resume_matches_uninterrupted(tmp_path, uninterrupted, kill_at):
-    out, log = tmp_path / "out", tmp_path / "log"
-    killed = _run(out, log, kill_at)
+@pytest.mark.parametrize("method, kill_at", [(m, k) for m, kills in KILLS.items() for k in kills])
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, uninterrupted, method, kill_at):
+    config, out, log = _config(tmp_path, method), tmp_path / method, tmp_path / "log"
+    killed = _run(config, out, log, kill_at)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     generated_before = log.read_text().split()
-    from engine.store import RunStore
-    with RunStore.open(out, {"test": "crash", "n": N}) as store:
-        committed = store.done_keys("crash")
-    assert committed and len(committed) < N  # the kill left work half done
+    committed = {k for keys in committed_keys(out).values() for k in keys}
+    assert committed and not (out / "data").exists()  # the kill left work half done
 
-    resumed = _run(out, log)
+    resumed = _run(config, out, log)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     generated_after = log.read_text().split()[len(generated_before):]
     assert not committed & set(generated_after), "a committed row was generated again"
     assert len(generated_after) == len(set(generated_after))
-    assert set(generated_after) | committed >= set(uninterrupted)
     # same keys, same texts (seeded requests on the same backend), no duplicates
-    assert _dataset(out) == uninterrupted
+    assert _dataset(out) == uninterrupted(method)
+    assert all(len(keys) == len(set(keys)) for keys in committed_keys(out).values())
     assert not list(out.rglob(".tmp*"))

@@ -4,9 +4,9 @@ from fractions import Fraction
 import pytest
 import sympy
 
-from engine.tdg import expr as X
-from engine.tdg.compile import compile_template
-from engine.tdg.template import check_template
+from engine.methods.tdg import expr as X
+from engine.methods.tdg.compile import compile_template
+from engine.methods.tdg.template import check_template
 
 NAMES = {"a", "b", "c"}
 

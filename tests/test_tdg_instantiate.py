@@ -3,11 +3,11 @@ import json
 
 import pytest
 
-from engine.tdg.compile import fmt_answer
-from engine.tdg.instantiate import TemplateSpec, instance_key, instantiate, make_row
-from engine.tdg.template import DATA_DIR, check_template
-from engine.tdg.compile import compile_template
-from engine.tdg.verify import _exact_instance
+from engine.methods.tdg.compile import fmt_answer
+from engine.methods.tdg.instantiate import TemplateSpec, instance_key, instantiate, make_row
+from engine.methods.tdg.template import DATA_DIR, check_template
+from engine.methods.tdg.compile import compile_template
+from engine.methods.tdg.verify import _exact_instance
 
 SEEDS = [json.loads(l) for l in (DATA_DIR / "seed_templates.jsonl").read_text().splitlines() if l.strip()]
 FIELDS = {"problem", "solution_code", "result", "solution_wocode", "source", "template_id", "problem_id",
@@ -58,7 +58,7 @@ def test_answers_match_sympy():
 
 
 def _fmt_var(v, x):
-    from engine.tdg.compile import fmt_fixed, fmt_num
+    from engine.methods.tdg.compile import fmt_fixed, fmt_num
     return fmt_fixed(x, v.places) if v.places else fmt_num(x)
 
 
@@ -78,55 +78,55 @@ class _ScriptedBackend:
 
     def generate(self, requests):
         from engine.request import Result
-        for i, r in enumerate(requests):
+        for i, r in enumerate(x for x in requests if x is not None):
             text, finish = self.outputs[i % len(self.outputs)]
             valid, parsed, reason = r.constraint.check(text, finish)
             yield Result(key=r.key, text=text, parsed=parsed, prompt_tokens=10, output_tokens=20,
                          finish_reason=finish, valid=valid, reason=reason)
 
 
+def _no_engine():
+    raise AssertionError("a complete run started an engine")
+
+
 def test_method_end_to_end(tmp_path):
+    """Seed and model templates are verified, each accepted one is instantiated; a resume asks nothing."""
     from engine.methods import Context
     from engine.methods import tdg
+    from engine.pipeline.core import Executor
     from engine.store import RunStore
     good = dict(SEEDS[1], skill="speed")  # a valid template (distinct id from the seed: new skill)
     bad = dict(SEEDS[1], steps=[{"name": "dist", "expr": "speed * 3", "text": "{dist}"}], skill="bad")
     outputs = [(json.dumps(good), "stop"), (json.dumps(bad), "stop"), ('{"skill": "x", "vari', "length")]
     config = tdg.Config(topics=["speed", "fractions", "money"], templates_per_topic=1, problems_per_template=5,
-                        verify_instances=4, workers=1, few_shot=1)
+                        verify_instances=4, few_shot=1)
     store = RunStore.open(tmp_path / "run", {"method": "tdg"})
-    ctx = Context(store=store, load_backend=lambda: _ScriptedBackend(outputs), progress=False)
-    out = tdg.run(config, ctx)
-    assert out.final_stage == "problems"
-    templates = store.rows("templates")
-    assert {t["source"] for t in templates} == {"seed", "model"}
-    assert len(templates) == len(SEEDS) + 1
+    pipeline = tdg.pipeline(config, Context(out=store.out, progress=False))
+    assert pipeline.publish.stage == "problems"
+    Executor(pipeline, store, {"main": lambda: _ScriptedBackend(outputs)}, progress=False).run()
+    templates, seeds = store.rows("templates"), store.rows("seed_templates")
+    assert {t["source"] for t in templates} == {"model"} and len(templates) == 1
+    assert {t["source"] for t in seeds} == {"seed"} and len(seeds) == len(SEEDS)
     reasons = sorted(r["reason"] for r in store.rejects("templates"))
     assert reasons == ["truncated", "unused_variable"]
     problems = store.rows("problems")
     assert len(problems) == 5 * (len(SEEDS) + 1)
     assert FIELDS <= set(problems[0])
-    # resume: nothing new is generated or added
-    out = tdg.run(config, ctx)
+    # resume: nothing new is generated or added, and no engine starts
+    Executor(pipeline, store, {"main": _no_engine}, progress=False).run()
     assert len(store.rows("problems")) == len(problems)
     store.close()
 
 
-def test_every_row_checked_twice_in_the_sandbox(tmp_path):
+def test_every_row_checked_twice_in_the_sandbox():
     """A row whose answer disagrees with what its own solution_code returns in the sandbox is rejected."""
     from engine.methods import tdg
-    from engine.store import RunStore
 
     config = tdg.Config(topics=[], problems_per_template=3)
-    with RunStore.open(tmp_path / "run", {"t": 1}) as store:
-        tdg.add_seed_templates(config, store)
-        specs = tdg.accepted_templates(store)[:2]
-        rows = [dict(r, key=f"k{i}") for i, r in enumerate(instantiate(specs, n_per_template=3, seed=0, workers=1))]
-        rows[1]["result"] = str(int(float(rows[1]["result"])) + 7)  # an answer its code does not compute
-        counts = {"added": 0, "rejected": 0}
-        tdg._commit_rows(config, store, rows, counts)
-        store.commit()
-        assert counts == {"added": len(rows) - 1, "rejected": 1}
-        (reject,) = store.rejects("problems")
-        assert reject["key"] == "k1" and reject["reason"] == "row_code_mismatch"
-        assert all(r["row_code_verified"] for r in store.rows("problems"))
+    specs = [tdg.template_spec(row) for row, reason in tdg.seed_template_rows(config) if reason is None][:2]
+    rows = [dict(r, key=f"k{i}") for i, r in enumerate(instantiate(specs, n_per_template=3, seed=0, workers=1))]
+    rows[1]["result"] = str(int(float(rows[1]["result"])) + 7)  # an answer its code does not compute
+    checked = list(tdg.checked_rows(config, rows))
+    assert [reason for _, reason in checked] == [None, "row_code_mismatch"] + [None] * (len(rows) - 2)
+    assert all(row["row_code_verified"] for row, reason in checked if reason is None)
+    assert checked[1][0]["key"] == "k1"

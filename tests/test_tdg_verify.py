@@ -6,9 +6,9 @@ import json
 import jsonschema
 import pytest
 
-from engine.tdg.sandbox import run_solutions
-from engine.tdg.template import DATA_DIR, SCHEMA_PATH, word_lists
-from engine.tdg.verify import REASONS, verify_template, verify_templates
+from engine.methods.tdg.sandbox import run_solutions
+from engine.methods.tdg.template import DATA_DIR, SCHEMA_PATH, word_lists
+from engine.methods.tdg.verify import REASONS, verify_template, verify_templates
 
 SEEDS = [json.loads(l) for l in (DATA_DIR / "seed_templates.jsonl").read_text().splitlines() if l.strip()]
 

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 REGISTRY = {"tdg": "engine.methods.tdg", "targen": "engine.methods.targen", "glan": "engine.methods.glan",
-            "echo": "engine.methods.echo"}  # echo: a two-stage smoke/scale-out method, no paper
+            "echo": "engine.methods.echo",  # echo: a two-stage smoke/scale-out method, no paper
+            "generate": "engine.methods.generate"}  # `sdg generate`: one request per line of a prompts file
 
 
 class MethodError(ValueError):

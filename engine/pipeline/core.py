@@ -257,7 +257,9 @@ class Executor:
         """Works of a root or whole stage that this replica owns (by the hash of stage and identity)."""
         for position, item in numbered:
             ident = self._ident(stage, item, position)
-            if isinstance(stage, Compute):
+            if self.replica[1] == 1:
+                yield _Work(item, ident)
+            elif isinstance(stage, Compute):
                 key = (item[0] if isinstance(item, tuple) else item)["key"]
                 if owns(key, self.replica):
                     yield _Work(item, ident)

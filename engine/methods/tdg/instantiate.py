@@ -22,8 +22,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
-from engine.tdg.compile import CompiledTemplate, compile_template, fmt_fixed, fmt_num
-from engine.tdg.template import check_template
+from engine.methods.tdg.compile import CompiledTemplate, compile_template, fmt_fixed, fmt_num
+from engine.methods.tdg.template import check_template
 
 
 @dataclass(frozen=True)

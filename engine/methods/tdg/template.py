@@ -14,7 +14,7 @@ A template is JSON (schema: grammars/tdg/meta_template.schema.json), for example
 
 Variables are integer or decimal ranges (min..max by step) or a word from a named list shipped in
 data/tdg/words/<list>.txt. `{...}` in the problem and step texts is a placeholder: a word variable's name, or a
-numeric expression (engine.tdg.expr) over the variables (and, in step texts, the steps computed so far).
+numeric expression (engine.methods.tdg.expr) over the variables (and, in step texts, the steps computed so far).
 
 `check_template(raw)` turns raw JSON into a `CheckedTemplate` or raises `TemplateError(code, message)`; codes:
 schema, parse_error, unsafe_expression, unknown_name, type_error.
@@ -35,11 +35,11 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from engine.request import stable_hash
-from engine.tdg import expr as X
+from engine.methods.tdg import expr as X
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "data" / "tdg"
+DATA_DIR = Path(__file__).resolve().parents[3] / "data" / "tdg"
 """Shipped TDG data: words/*.txt, seed_templates.jsonl, examples.jsonl."""
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "grammars" / "tdg" / "meta_template.schema.json"
+SCHEMA_PATH = Path(__file__).resolve().parents[3] / "grammars" / "tdg" / "meta_template.schema.json"
 """The meta-template JSON Schema the model is constrained by."""
 
 MAX_VALUES_PER_VARIABLE = 10**6

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable
 
-from engine.tdg import expr as X
-from engine.tdg.template import CheckedTemplate, Part, Word
+from engine.methods.tdg import expr as X
+from engine.methods.tdg.template import CheckedTemplate, Part, Word
 
 MAX_DRAWS = 1000
 """Most attempts to draw one instance whose constraints hold (and whose answer has the declared type)."""

@@ -7,7 +7,7 @@ Checks, in order; the first failure is the rejection `reason`:
 
     schema                     not valid against grammars/tdg/meta_template.schema.json / the pydantic model
     parse_error                an expression or placeholder does not parse (or braces do not pair)
-    unsafe_expression          an expression outside the whitelist (engine.tdg.expr)
+    unsafe_expression          an expression outside the whitelist (engine.methods.tdg.expr)
     unknown_name, type_error   a name that is not declared; a condition used as a number or vice versa
     answer_var_not_in_text     the answer depends on a variable the problem text never shows
     unused_variable            a variable (shown or not) that influences neither the answer nor a constraint,
@@ -37,10 +37,10 @@ import jsonschema
 import sympy
 
 from engine.request import stable_hash
-from engine.tdg import expr as X
-from engine.tdg.compile import CompiledTemplate, compile_template
-from engine.tdg.sandbox import run_solutions, same_answer
-from engine.tdg.template import SCHEMA_PATH, CheckedTemplate, TemplateError, check_template, template_id_of
+from engine.methods.tdg import expr as X
+from engine.methods.tdg.compile import CompiledTemplate, compile_template
+from engine.methods.tdg.sandbox import run_solutions, same_answer
+from engine.methods.tdg.template import SCHEMA_PATH, CheckedTemplate, TemplateError, check_template, template_id_of
 
 REASONS = ("schema", "parse_error", "unsafe_expression", "unknown_name", "type_error", "answer_var_not_in_text",
            "unused_variable", "unsatisfiable_constraints", "eval_error", "answer_type", "negative_answer",
