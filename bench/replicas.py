@@ -4,8 +4,8 @@
                        [--prompts N] [--max-tokens T] [--oversubscribe] [--tag NAME]
 
 Each configuration is a real `sdg run CONFIG --out TMP --replicas N [--ray local]` in a fresh run dir, timed
-from the outside. Generation time comes from the manifest (seconds each replica spent inside run_stage, summed
-over replicas); what is left of the wall time, per replica, is start-up and coordination (engine loads,
+from the outside. Generation time comes from the manifest (seconds each replica spent in its engine's generate
+loop, `writers.<w>.totals.generating_seconds`, summed over replicas); what is left of the wall time, per replica, is start-up and coordination (engine loads,
 waiting at stage barriers, publishing). The Ray path's coordination cost is its wall time minus the processes
 path's at the same N. Replica counts above the core count are skipped with a note, or run with
 --oversubscribe (replicas then share cores; the runs are marked `oversubscribed`).
@@ -42,7 +42,8 @@ def run_once(config: dict, replicas: int, ray: bool) -> dict:
         manifest = json.loads((Path(tmp) / "run" / "manifest.json").read_text())
     stages = manifest["stages"]
     tokens = sum(s.get("stats", {}).get("output_tokens", 0) for s in stages.values())
-    generating = sum(s.get("stats", {}).get("seconds", 0.0) for s in stages.values())
+    # each writer's time inside its engines' generate loops (stages overlap when they stream)
+    generating = sum(w.get("totals", {}).get("generating_seconds", 0.0) for w in manifest["writers"].values())
     return {"replicas": replicas, "ray": ray, "wall_s": round(wall, 2), "output_tokens": tokens,
             "output_tok_per_s": round(tokens / wall, 1), "generating_s_per_replica": round(generating / replicas, 2),
             # tokens over the time replicas spent generating (start-ups and barriers left out)

@@ -40,7 +40,7 @@ params: {topics: [speed], templates_per_topic: 2, problems_per_template: 6, veri
 """,
 }
 KILLS = {"echo": ["before_shard_write:2", "shard_write:3", "after_rename:2", "manifest_write:2", "after_commit:4"],
-         "generate": ["shard_write:2", "after_commit:3"],
+         "generate": ["after_commit:3"],
          "tdg": ["after_rename:3", "after_commit:5"]}
 
 

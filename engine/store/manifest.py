@@ -73,7 +73,8 @@ class ManifestMixin:
             "created": self.created,
             "updated": max(commits, default=self.created),
             "writers": {w: {"commits": s.get("commits", 0), "last_commit": s.get("last_commit"),
-                            "identity": s.get("identity")} for w, s in writers.items()},
+                            "totals": s.get("totals", {}), "identity": s.get("identity")}
+                        for w, s in writers.items()},
             "stages": {st: self._stage_summary(st, writers) for st in stages},
             "quarantined": self._quarantined(),
             "dataset": dataset,

@@ -343,6 +343,16 @@ class ShardStore:
             sums[name] = sums.get(name, 0) + v
         self._stats_dirty = True
 
+    def record_writer(self, **totals: float) -> None:
+        """Add numeric totals of this writer that belong to no stage (the pipeline's generating seconds: its
+        stages overlap, so their own seconds do not add up); shown per writer in the manifest."""
+        sums = self._own.setdefault("totals", {})
+        for name, v in totals.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise TypeError(f"total {name} must be a finite number, got {v!r}")
+            sums[name] = sums.get(name, 0) + v
+        self._stats_dirty = True
+
     def pending(self) -> int:
         """Rows and rejects queued and not yet committed."""
         return sum(map(len, self._pending_rows.values())) + sum(map(len, self._pending_rejects.values()))
