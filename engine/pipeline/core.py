@@ -20,6 +20,7 @@ A crash loses only uncommitted rows: the store commits a parent's stage no later
 from __future__ import annotations
 
 import difflib
+import json
 import hashlib
 import logging
 import sys
@@ -136,7 +137,8 @@ class Reader:
         from engine.quality import QualityConfig, apply_filters
         quality = self._quality or QualityConfig()
         ordered = sorted(rows, key=lambda r: r["key"])  # publishing's order: the first of a group by key is kept
-        texts = ["\n".join(v if isinstance(v, str) else str(v) for v in (r.get(f) for f in text_fields)
+        texts = ["\n".join(v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, sort_keys=True)
+                           for v in (r.get(f) for f in text_fields)
                            if v is not None) for r in ordered]
         gone = {m.key for m in apply_filters(list(zip((r["key"] for r in ordered), texts)), quality)}
         return [r for r in rows if r["key"] not in gone]
@@ -150,7 +152,6 @@ class _StageRun:
         self.sources: deque[Iterator[_Work]] = deque()
         self.in_flight = 0
         self.stats = StageStats(stage=stage.name)
-        self.had_rows = False  # rows or rejects committed before this phase (figures are recorded once)
 
     @property
     def idle(self) -> bool:
@@ -168,9 +169,11 @@ class Executor:
         self.pipeline, self.store, self.seed, self.replica = pipeline, store, seed, replica
         self.sync, self.streaming, self.progress = sync, streaming, progress
         self.reader = Reader(store, quality)
-        self._starters = {**engines, **pipeline.engines}
+        self._starters = {**pipeline.engines, **engines}  # engines lent by the caller win (tests, benchmarks)
         self._engines: dict[str, Any] = {}
-        self._checked: set[int] = set()  # constraints already preflighted (by id)
+        self._checked: set[int] = set()  # constraints already preflighted (by id, then by identity)
+        self._checked_identities: set[str] = set()
+        self.generating_seconds = 0.0  # wall time of the engines' generate loops
         self.stats: dict[str, StageStats] = {}
         store.stage_order = pipeline.names
 
@@ -188,7 +191,10 @@ class Executor:
                 phases[-1].append(stage)
         try:
             for number, phase in enumerate(phases):
-                self._run_phase(number, phase)
+                # A phase cut by --stop-after runs one round: later rounds count on the stages cut off.
+                cut = stop_after is not None and number == len(phases) - 1 and stop_after != names[-1] and \
+                    not isinstance(self.pipeline.stages[names.index(stop_after) + 1].reads, Whole)
+                self._run_phase(number, phase, one_round=cut)
         finally:
             self.store.commit()
         return stop_after is None or stop_after == names[-1]
@@ -207,16 +213,14 @@ class Executor:
             self.store.commit()
             self.sync.barrier.wait(name)
 
-    def _run_phase(self, number: int, phase: list[Stage]) -> None:
+    def _run_phase(self, number: int, phase: list[Stage], one_round: bool = False) -> None:
         first = phase[0]
-        rounds = first.rounds if isinstance(first.reads, Whole) else 1
+        rounds = first.rounds if isinstance(first.reads, Whole) and not one_round else 1
         for round_ in range(1, rounds + 1):
             self._meet(f"phase{number}.r{round_}.start")  # every replica finished what came before
             snapshot = self.store.snapshot()
             self._meet(f"phase{number}.r{round_}.snapshot")  # nobody commits to this phase before all have looked
             runs = [_StageRun(stage, depth) for depth, stage in enumerate(phase)]
-            for run in runs:
-                run.had_rows = bool(self.store.key_count(run.stage.name))
             if isinstance(first.reads, Whole):
                 items = list(first.items(self.reader, round_) if isinstance(first, Generate)
                              else first.rows(self.reader, round_))
@@ -309,12 +313,12 @@ class Executor:
         def feed() -> Iterator[Request | None]:
             request = first
             while request is not END:
-                if request is not None and request.constraint is not None and id(request.constraint) not in self._checked:
-                    backend.preflight([request])  # a constraint the backend cannot enforce fails before it runs
-                    self._checked.add(id(request.constraint))
+                if request is not None and request.constraint is not None:
+                    self._preflight(backend, request)
                 yield request
                 request = self._next(engine)
 
+        started = time.perf_counter()
         for result in backend.generate(feed()):
             run, work, request = by_key.pop(result.key)
             run.in_flight -= 1
@@ -322,13 +326,28 @@ class Executor:
             self.store.maybe_commit()
             bar.update()
         bar.update(final=True)
+        self.generating_seconds += time.perf_counter() - started
+        self.store.record_writer(generating_seconds=round(time.perf_counter() - started, 3))
         return True
+
+    def _preflight(self, backend, request: Request) -> None:
+        """A constraint the backend cannot enforce fails before its first request runs (once per constraint)."""
+        if id(request.constraint) in self._checked:
+            return
+        identity = repr(request.constraint.identity())
+        if identity not in self._checked_identities:
+            backend.preflight([request])
+            self._checked_identities.add(identity)
+        self._checked.add(id(request.constraint))
 
     def _engine(self, name: str):
         if name not in self._engines:
             if name not in self._starters:
                 raise ValueError(f"no engine named {name!r} (engines: {', '.join(self._starters)})")
-            self._engines[name] = self._starters[name]()
+            started = time.perf_counter()
+            self._engines[name] = engine = self._starters[name]()
+            if self.progress:
+                _engine_line(name, engine, getattr(engine, "start_seconds", None) or time.perf_counter() - started)
         return self._engines[name]
 
     def _next(self, engine: str) -> Request | None | object:
@@ -410,6 +429,7 @@ class Executor:
                 run.stats.skipped += 1
                 return
             (self.store.add(stage.name, row) if reason is None else self.store.reject(stage.name, row, reason))
+            self.store.record(stage.name, generated=1, accepted=int(reason is None), rejected=int(reason is not None))
             self.store.maybe_commit()
         run.stats.generated += 1
         run.stats.last = time.perf_counter()
@@ -459,7 +479,7 @@ class Executor:
 
     def _finish_stage(self, run: _StageRun, phase_seconds: float) -> None:
         stats = run.stats
-        if stats.first is not None and stats.last is not None:
+        if stats.first is not None and stats.last is not None and self._persisted(run.stage.name):
             stats.seconds = stats.last - stats.first
             self.store.record(run.stage.name, seconds=round(stats.seconds, 3))
         total = self.stats.setdefault(run.stage.name, StageStats(stage=run.stage.name))
@@ -468,39 +488,122 @@ class Executor:
         for reason, n in stats.reject_reasons.items():
             total.reject_reasons[reason] = total.reject_reasons.get(reason, 0) + n
         figures = getattr(run.stage, "figures", None)
-        if figures is not None and not run.had_rows and self.replica[0] == 0:
-            self.store.record(run.stage.name, **figures(self.reader))
+        if figures is not None and self.replica[0] == 0 and not self.store.own_stats(run.stage.name).get("figures"):
+            # once per run (a crash before this commit records them on resume), by replica 0 only
+            self.store.record(run.stage.name, figures=1, **figures(self.reader))
         self.store.commit()
 
     def generated(self) -> StageStats:
-        """The model stages' stats of this launch, summed (what `sdg` prints at the end)."""
-        total = StageStats(stage="all")
+        """The model stages' stats of this launch, summed, over the engines' generate time (stages overlap when
+        they stream, so their own seconds do not add up): what `sdg` prints at the end."""
+        total = StageStats(stage="all", seconds=self.generating_seconds)
         for name, s in self.stats.items():
             if isinstance(self.pipeline.stage(name), Generate):
-                for f in ("generated", "accepted", "rejected", "prompt_tokens", "output_tokens", "seconds"):
+                for f in ("generated", "accepted", "rejected", "prompt_tokens", "output_tokens"):
                     setattr(total, f, getattr(total, f) + getattr(s, f))
         return total
 
 
-class _Progress:
-    """One status line per phase: per stage, results so far; output tokens/s. Redrawn in place on a terminal,
-    a line every `every` seconds otherwise (CI logs, files)."""
+def _engine_line(name: str, engine, seconds: float) -> None:
+    """One line per engine start: model, device, grammar backend, seconds."""
+    try:
+        ident = engine.identity()
+    except Exception:  # noqa: BLE001 - the line is informative only
+        ident = {}
+    model = ident.get("model") if isinstance(ident.get("model"), dict) else {}
+    print(f"engine {name}: {model.get('name', '?')} on {ident.get('device', '?')} "
+          f"({ident.get('backend', '?')}, grammar backend {ident.get('grammar_backend', '?')}), "
+          f"started in {seconds:.0f} s", file=sys.stderr, flush=True)
 
-    def __init__(self, runs: list[_StageRun], enabled: bool = True, every: float = 10.0) -> None:
-        self.runs, self.enabled, self.every = runs, enabled, every
+
+class _Progress:
+    """One progress bar per phase (tqdm, on stderr): the stages with work, results done / total where the total
+    is known (root stages of sized items), accepted and rejected per stage, output tok/s and an ETA, both from a
+    moving window of the last `window` seconds (not from the first request). On a terminal the bar is redrawn
+    in place; in CI or a pipe it is one plain line every `every` seconds (and one at the end)."""
+
+    def __init__(self, runs: list[_StageRun], enabled: bool = True, every: float = 10.0,
+                 window: float = 30.0) -> None:
+        self.runs, self.enabled, self.every, self.window = runs, enabled, every, window
+        self.model_runs = [r for r in runs if isinstance(r.stage, Generate)]
         self.tty = sys.stderr.isatty()
-        self.start = self.last = time.perf_counter()
+        self.start = self.last = time.monotonic()
+        self.samples: deque[tuple[float, int, int]] = deque()  # (time, done, output tokens)
+        self.bar = None
+        if not enabled or not self.model_runs:
+            self.enabled = False
+            return
+        self.total = self._total()
+        self.samples.append((self.start, *self._done()))
+        if self.tty:
+            from tqdm import tqdm
+            self.bar = tqdm(total=self.total, file=sys.stderr, dynamic_ncols=True, leave=True, mininterval=0.5,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}]{postfix}"
+                            if self.total else "{desc}: {n_fmt} [{elapsed}]{postfix}")
+
+    def _total(self) -> int | None:
+        """Requests this phase will make, where every model stage's count is known before it runs: root stages
+        whose items can be counted (every attempt after the first adds to it); None otherwise."""
+        total = 0
+        for run in self.model_runs:
+            if run.stage.reads is not None:
+                return None
+            try:
+                total += sum(1 for _ in run.stage.items())
+            except Exception:  # noqa: BLE001 - a count is only a display nicety
+                return None
+        return total
+
+    def _done(self) -> tuple[int, int]:
+        done = sum(r.stats.generated + r.stats.skipped for r in self.model_runs)
+        return done, sum(r.stats.output_tokens for r in self.model_runs)
+
+    def _figures(self, now: float) -> tuple[int, float, float | None]:
+        """(done, output tok/s, seconds left or None) over the moving window."""
+        done, tokens = self._done()
+        self.samples.append((now, done, tokens))
+        while len(self.samples) > 2 and now - self.samples[1][0] >= self.window:
+            self.samples.popleft()
+        t0, done0, tokens0 = self.samples[0]
+        span = now - t0
+        rate_tokens = (tokens - tokens0) / span if span > 0 else 0.0
+        rate_done = (done - done0) / span if span > 0 else 0.0
+        eta = (self.total - done) / rate_done if self.total and rate_done > 0 and done < self.total else None
+        return done, rate_tokens, eta
+
+    def _describe(self) -> str:
+        names = [r.stage.name for r in self.model_runs if r.stats.generated or r.in_flight or r.sources]
+        return "+".join(names or [r.stage.name for r in self.model_runs])
+
+    def _postfix(self, rate: float, eta: float | None) -> str:
+        parts = [f"{r.stage.name} {r.stats.accepted} ok {r.stats.rejected} rej" for r in self.model_runs
+                 if r.stats.generated]
+        text = " | ".join(parts) + f" | {rate:,.0f} output tok/s"
+        if eta is not None:
+            from tqdm import tqdm
+            text += f" | ETA {tqdm.format_interval(eta)}"
+        return text
 
     def update(self, final: bool = False) -> None:
-        now = time.perf_counter()
-        if not self.enabled or (not final and now - self.last < (0.5 if self.tty else self.every)):
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not final and now - self.last < (0.5 if self.tty else self.every):
             return
         self.last = now
-        tokens = sum(r.stats.output_tokens for r in self.runs)
-        parts = [f"{r.stage.name} {r.stats.accepted}+{r.stats.rejected}rej" for r in self.runs
-                 if r.stats.generated or r.in_flight]
-        line = f"[{' | '.join(parts)}] {tokens / max(now - self.start, 1e-9):,.0f} output tok/s"
-        if self.tty:
-            print("\r" + line.ljust(100), end="\n" if final else "", file=sys.stderr, flush=True)
+        done, rate, eta = self._figures(now)
+        if final:  # the whole drive's mean: the window may hold only its last moments
+            rate = self._done()[1] / max(now - self.start, 1e-9)
+            eta = None
+        if self.bar is not None:
+            if self.total is not None and done > self.bar.total:
+                self.bar.total = done
+            self.bar.set_description_str(self._describe(), refresh=False)
+            self.bar.set_postfix_str(self._postfix(rate, eta), refresh=False)
+            self.bar.update(done - self.bar.n)
+            if final:
+                self.bar.close()
         else:
-            print(line, file=sys.stderr, flush=True)
+            total = f"/{self.total}" if self.total else ""
+            print(f"{self._describe()}: {done}{total} [{time.strftime('%H:%M:%S', time.gmtime(now - self.start))}] "
+                  f"{self._postfix(rate, eta)}", file=sys.stderr, flush=True)

@@ -133,7 +133,8 @@ def run_method(config: RunConfig, out: Path, *, new: bool = False, stop_after: s
                                                seed=config.seed, **engine_opts))
 
     ctx = methods.Context(out=store.out, seed=config.seed, model_name=model_id["fingerprint"],
-                          start_engine=starter, progress=progress)
+                          start_engine=starter, progress=progress, run_id=store.config_hash[:16],
+                          stop_after=stop_after)
     pipeline = build_pipeline(config, params, ctx)
     executor = Executor(pipeline, store, engines or {"main": starter(model_dir)}, seed=config.seed,
                         replica=replica, sync=sync, quality=quality, progress=progress, streaming=streaming)

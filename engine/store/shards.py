@@ -343,6 +343,10 @@ class ShardStore:
             sums[name] = sums.get(name, 0) + v
         self._stats_dirty = True
 
+    def own_stats(self, stage: str) -> dict:
+        """This writer's recorded sums for `stage` so far (committed or not)."""
+        return dict(self._own["stages"].get(stage, {}))
+
     def record_writer(self, **totals: float) -> None:
         """Add numeric totals of this writer that belong to no stage (the pipeline's generating seconds: its
         stages overlap, so their own seconds do not add up); shown per writer in the manifest."""

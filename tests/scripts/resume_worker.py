@@ -1,4 +1,4 @@
-"""A run for the crash tests: a method config run through the pipeline with the real model (transformers
+"""A run for the crash tests: a method config run through the pipeline with the real model (the config's
 backend) and the real store, and a log of every key the model generated, appended and fsynced as each result
 comes out of the backend.
 
@@ -31,7 +31,8 @@ class LoggingBackend:
 
 def main(config_path, out, log):
     config = load_run_config(Path(config_path))
-    engine = lambda: LoggingBackend(load_backend("transformers", grammar_backend=config.grammar_backend), log)  # noqa: E731
+    engine = lambda: LoggingBackend(load_backend(config.backend, grammar_backend=config.grammar_backend,  # noqa: E731
+                                                 seed=config.seed, **config.engine), log)
     run_method(config, Path(out), progress=False, engines={"main": engine})
 
 
