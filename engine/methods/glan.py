@@ -234,7 +234,7 @@ def pipeline(config: Config, ctx: Context) -> Pipeline:
     if answer_dir is not None:  # another model answers: a second engine, started when the first answer is asked
         engines["answer"] = (ctx.start_engine(answer_dir) if ctx.start_engine is not None
                              else _no_engine(answer_dir))
-    qa = QuestionRounds(config)
+    qa = QuestionRounds(config, ctx.run_id)
     model_writes = lambda: config.taxonomy_file is None and not (ctx.out / TAXONOMY_FILE).exists()  # noqa: E731
 
     def node_request(stage: str) -> Callable[[tuple[str, ...], int], Request]:
@@ -312,7 +312,7 @@ def taxonomy_rows(config: Config, ctx: Context, reader) -> Iterator[dict]:
                                 "give params.taxonomy_file, or raise taxonomy_generation.sampling.max_tokens")
         _write_once(path, dump_taxonomy(source, header))
     disciplines, _ = read_taxonomy(reader.out)
-    if ctx.progress:
+    if ctx.progress and ctx.stop_after == "taxonomy":
         print(f"taxonomy: {path} ({len(disciplines)} discipline{'s' * (len(disciplines) != 1)}), read by every "
               "later stage; to check or edit it, stop with --stop-after taxonomy, edit, rerun the same command",
               file=sys.stderr)
@@ -386,8 +386,8 @@ class QuestionRounds:
     Every round is computed from what the rounds before it committed, so any launch (a resume, any replica)
     asks the same questions. Question q uses syllabus pool[q % len(pool)]."""
 
-    def __init__(self, config: Config) -> None:
-        self.config = config
+    def __init__(self, config: Config, run_id: str = "") -> None:
+        self.config, self.run_id = config, run_id
         self._kept: dict[tuple, list[dict]] = {}  # survivors below a round's end (those rows never change)
 
     def questions(self, reader, round_: int) -> list[tuple[int, dict]]:
@@ -422,7 +422,7 @@ class QuestionRounds:
         def pair(q: int) -> dict | None:
             question = questions.get((q, pool[q % len(pool)]["syllabus_key"]))
             answer = answers.get(question["key"]) if question is not None else None
-            return final_row(question, answer, taxonomy_sha256) if answer is not None else None
+            return final_row(question, answer, taxonomy_sha256, self.run_id) if answer is not None else None
 
         start = stop = 0
         kept: list[dict] = []
@@ -438,7 +438,7 @@ class QuestionRounds:
         return pool, range(start, stop), kept
 
 
-def final_row(q: dict, a: dict, taxonomy_sha256: str) -> dict:
+def final_row(q: dict, a: dict, taxonomy_sha256: str, run_id: str = "") -> dict:
     """A published row: the pair, what it was drawn from, and where every part came from."""
     return {
         "key": stable_hash(["glan-row", a["key"]]),
@@ -448,7 +448,7 @@ def final_row(q: dict, a: dict, taxonomy_sha256: str) -> dict:
         "strategy": q["strategy"], "sessions": q["sessions"], "session_titles": q["session_titles"],
         "key_concepts": q["key_concepts"],
         "provenance": {
-            "stage": "rows", "question_index": q["question_index"],
+            "run": run_id, "stage": "rows", "question_index": q["question_index"],
             "question_key": q["key"], "answer_key": a["key"], "syllabus_key": q["syllabus_key"],
             "subjects_key": q["subjects_key"], "question_model": q["model"], "answer_model": a["model"],
             "question_seed": q["seed"], "answer_seed": a["seed"], "question_template": "glan/question.jinja",
