@@ -1,14 +1,14 @@
 """Scale-out: N replicas generate one run, as processes on this machine or as Ray actors on a cluster.
 
-Every replica runs the same method on the same run directory (engine.config.run_method with
-`replica=(i, N)`), so nothing here schedules requests:
+Every replica runs the same method on the same run directory (engine.pipeline.run.run_method with
+`replica=(i, N)`); the pipeline core (engine.pipeline.core) decides what each one generates:
 
-  - partition: a request belongs to replica `int(key[:8], 16) % N` (engine.runner.owns); a replica commits
-    only keys it owns, as shards named with its writer id r<i> (engine.store). No key is generated twice,
-    and a resume with any N skips every committed key.
-  - stages: a method that reads a whole stage (`store.rows(stage)`, to build the next stage's requests)
-    waits there until every replica has committed its share of it: a barrier exactly where a stage needs all
-    its parents, and nowhere else (ReplicaStore).
+  - partition: an item of a root or whole-stage read belongs to replica `int(hash[:8], 16) % N`
+    (engine.pipeline.core.owns); a child goes with the replica that committed its parent. Each replica commits
+    shards named with its writer id r<i> (engine.store). No key is generated twice, and a resume with any N
+    skips every committed key.
+  - meetings: only where a stage reads whole stages (`Whole(...)`), every replica waits until all have
+    committed what comes before (sync.Barrier); nowhere else.
   - publishing: replica 0 finalizes once every replica has finished (a last barrier, "end").
   - failure: the driver (run_parallel) watches its replicas; when one dies it stops the others and raises
     ReplicaError. Committed shards are kept; rerunning, with any N, completes the run.

@@ -433,10 +433,9 @@ class ShardStore:
         rel = f"{kind}/{stage}/{name}"
         self._index(Shard(rel, kind, stage, self.writer, self._seq - 1, digest, table.num_rows), table)
 
-    def rows(self, stage: str, *, wait: bool = True) -> list[dict]:
+    def rows(self, stage: str) -> list[dict]:
         """All committed rows of `stage` from every writer, one per key, sorted by key. A key committed
-        twice (two replicas given the same key) appears once: the first in (writer, seq) order. (`wait` is
-        for replicas, engine.parallel.ReplicaStore: a store handle on its own has no one to wait for.)"""
+        twice (two replicas given the same key) appears once: the first in (writer, seq) order."""
         self._refresh()
         seen: dict[str, str] = {}
         for shard in self._stage_shards("stages", stage):

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable
 
-from engine.methods.tdg import expr as X
+import engine.methods.tdg.expr as X
 from engine.methods.tdg.template import CheckedTemplate, Part, Word
 
 MAX_DRAWS = 1000

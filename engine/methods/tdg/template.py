@@ -35,7 +35,7 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from engine.request import stable_hash
-from engine.methods.tdg import expr as X
+import engine.methods.tdg.expr as X
 
 DATA_DIR = Path(__file__).resolve().parents[3] / "data" / "tdg"
 """Shipped TDG data: words/*.txt, seed_templates.jsonl, examples.jsonl."""

@@ -37,7 +37,7 @@ import jsonschema
 import sympy
 
 from engine.request import stable_hash
-from engine.methods.tdg import expr as X
+import engine.methods.tdg.expr as X
 from engine.methods.tdg.compile import CompiledTemplate, compile_template
 from engine.methods.tdg.sandbox import run_solutions, same_answer
 from engine.methods.tdg.template import SCHEMA_PATH, CheckedTemplate, TemplateError, check_template, template_id_of
