@@ -9,7 +9,7 @@ EXTRA  ?= cpu
 # Rebuilt when pyproject.toml changes.
 SETUP  := $(VENV)/.setup-$(EXTRA)-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup model demo test bench clean
+.PHONY: setup model browser demo test bench clean
 
 setup: $(SETUP)
 $(SETUP): pyproject.toml
@@ -27,11 +27,18 @@ $(SETUP): pyproject.toml
 model: setup
 	$(SDG) model prepare
 
+# The report's browser test drives Debian's chromium through chromedriver (no browser download).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
+
 demo: model
 	$(SDG) generate --prompts examples/demo_prompts.jsonl --out runs/demo --max-tokens 128
 	$(SDG) run configs/tdg.yaml --out runs/tdg-demo
+	$(SDG) report runs/demo
+	$(SDG) report runs/tdg-demo
 
-test: model
+test: model browser
 	$(PY) -m pytest -q tests
 
 bench: model

@@ -22,6 +22,11 @@ from pathlib import Path
 from engine.backends.base import GRAMMAR_BACKENDS, DEFAULT_GRAMMAR_BACKEND
 from engine.errors import user_errors
 
+if os.environ.get("SDG_QUIET"):
+    # vLLM's engine-core and worker processes are spawned: each imports this module first (as __mp_main__),
+    # then vLLM, which logs warnings at import time, before its own logging is configured from the environment.
+    logging.getLogger("vllm").setLevel(logging.ERROR)
+
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="local Hugging Face folder or .gguf file (default: embedded SmolLM2)")
@@ -72,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", required=True, type=Path)
     run.add_argument("--new", action="store_true", help="start a separate run dir instead of resuming OUT")
     run.add_argument("--stop-after", default=None, help="stop after this stage (e.g. GLAN's taxonomy, to edit it)")
+    run.add_argument("--dry-run", action="store_true", help="validate the config and show what it implies "
+                     "(as `sdg validate`); generate nothing")
     _add_replica_args(run)
     _add_engine_args(run)
 
@@ -79,6 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", type=Path)
     export.add_argument("--format", required=True, choices=["jsonl", "parquet"])
     export.add_argument("--to", required=True, type=Path)
+
+    report = sub.add_parser("report", help="one self-contained HTML page about a run (finished or in progress)")
+    report.add_argument("run_dir", type=Path)
+    report.add_argument("--out", type=Path, default=None, help="the HTML file (default: RUN_DIR.report.html "
+                        "beside the run directory)")
+
+    validate = sub.add_parser("validate", help="check a run config without generating: config, input files, "
+                              "every constraint compiled, requests and tokens per stage")
+    validate.add_argument("config", type=Path)
+    validate.add_argument("--timeout", type=float, default=None, metavar="S",
+                          help="seconds allowed to compile one constraint (default 20)")
+    _add_engine_args(validate)
 
     bench = sub.add_parser("bench", help="benchmarks (see bench/)")
     bench.add_argument("what", choices=["throughput", "instantiate", "replicas", "pipeline"])
@@ -137,6 +156,8 @@ def _check_grammar_support(prompts: Path, grammar: str, default_schema) -> None:
 
 def cmd_run(args) -> int:
     from engine.pipeline.run import check_stop_after, load_run_config
+    if args.dry_run:
+        return cmd_validate(args)
     config = load_run_config(args.config)
     for flag in ("model", "backend", "grammar_backend"):
         if getattr(args, flag):
@@ -182,6 +203,21 @@ def _launch(config, args, stop_after: str | None) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from engine.report import write_report
+    path = write_report(args.run_dir, args.out)
+    print(f"report: {path}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    """`sdg validate CONFIG` and `sdg run CONFIG --dry-run`: every problem listed, exit status 2 if any."""
+    from engine.validate import DEFAULT_TIMEOUT, validate
+    overrides = {flag: getattr(args, flag, None) for flag in ("model", "backend", "grammar_backend")}
+    timeout = getattr(args, "timeout", None) or DEFAULT_TIMEOUT
+    return 0 if validate(args.config, overrides=overrides, timeout=timeout) else 2
+
+
 def cmd_export(args) -> int:
     from engine.store import export
     n = export(args.run_dir, args.format, args.to)
@@ -216,6 +252,17 @@ def _summary(out: Path, manifest: dict | None, stats) -> None:
               f"{stats.output_tokens_per_s:,.0f} output tok/s")
 
 
+def _quiet() -> None:
+    """Without -v: only our own lines. vLLM's logs (its engine-core and worker processes read the same
+    environment), torch's C++ warnings, Python warnings and vLLM's weight-loading bar are off; errors still show."""
+    import warnings
+    for name, value in (("VLLM_LOGGING_LEVEL", "ERROR"), ("TORCH_CPP_LOG_LEVEL", "ERROR"),
+                        ("PYTHONWARNINGS", "ignore"), ("SDG_QUIET", "1")):
+        os.environ[name] = value
+    warnings.simplefilter("ignore")
+    logging.getLogger("vllm").setLevel(logging.ERROR)
+
+
 def _one_line(e: Exception) -> str:
     from pydantic import ValidationError
     if isinstance(e, ValidationError):  # e.g. Sampling(max_tokens=0): name the field and the rule
@@ -228,9 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if not args.verbose:
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        _quiet()
     handlers = {"model": cmd_model, "generate": cmd_generate, "run": cmd_run, "export": cmd_export,
-                "bench": cmd_bench, "bundle": cmd_bundle}
+                "bench": cmd_bench, "bundle": cmd_bundle,
+                "report": cmd_report, "validate": cmd_validate}
     try:
         return handlers[args.command](args)
     except user_errors() as e:

@@ -114,6 +114,8 @@ class VllmBackend(Backend):
             kwargs["max_num_seqs"] = max_num_seqs
         kwargs.update(engine_kwargs)
         self.settings = {k: v for k, v in kwargs.items() if k != "model"}
+        if os.environ.get("SDG_QUIET"):  # `sdg` without -v: no weight-loading bar from vLLM either
+            kwargs.setdefault("use_tqdm_on_load", False)
         started = time.perf_counter()
         self.llm = vllm.LLM(**kwargs)
         self.start_seconds = time.perf_counter() - started
