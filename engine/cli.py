@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(validate)
 
     bench = sub.add_parser("bench", help="benchmarks (see bench/)")
-    bench.add_argument("what", choices=["throughput", "instantiate", "replicas", "pipeline"])
+    bench.add_argument("what", choices=["throughput", "instantiate", "replicas", "pipeline", "all"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
 
     from engine.bundle import add_arguments as add_bundle_arguments

@@ -129,3 +129,32 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, uninterrupted, meth
     assert _dataset(out) == uninterrupted(method)
     assert all(len(keys) == len(set(keys)) for keys in committed_keys(out).values())
     assert not list(out.rglob(".tmp*"))
+
+
+def test_sigkill_leaves_no_engine_process_and_the_run_resumes(tmp_path):
+    """`sdg generate` on vLLM, SIGKILLed once rows are committed: within 30 s no process it started (vLLM's
+    engine core and workers) is left, and the same command completes the run."""
+    import time
+
+    import psutil
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": i, "prompt": f"Write a sentence about {i}."}) + "\n"
+                               for i in range(40)))
+    args = [sys.executable, "-m", "engine.cli", "generate", "--prompts", str(prompts), "--out", str(tmp_path / "out"),
+            "--max-tokens", "24", "--commit-rows", "1"]
+    with open(tmp_path / "log", "w") as log:  # a file, not a pipe: an orphan would hold a pipe open
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=log)
+        deadline = time.monotonic() + 600
+        while not list((tmp_path / "out" / "stages").glob("*/*.parquet")):
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()[-2000:]
+            time.sleep(0.2)
+        family = psutil.Process(proc.pid).children(recursive=True)
+        assert family, "vLLM started no engine process"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    gone, alive = psutil.wait_procs(family, timeout=30)
+    alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"left behind: {[(p.pid, p.name()) for p in alive]}"
+    resumed = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert sum(len(v) for v in committed_keys(tmp_path / "out").values()) == 40

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from engine.backends import reaper
 from engine.backends.base import DEFAULT_GRAMMAR_BACKEND, Backend, BackendError
 from engine.constraints import ConstraintError
 from engine.models import identity as model_identity
@@ -117,7 +118,9 @@ class VllmBackend(Backend):
         if os.environ.get("SDG_QUIET"):  # `sdg` without -v: no weight-loading bar from vLLM either
             kwargs.setdefault("use_tqdm_on_load", False)
         started = time.perf_counter()
+        before = reaper.children()
         self.llm = vllm.LLM(**kwargs)
+        self._reaper = reaper.watch(before)  # its engine processes die with this one, SIGKILL included
         self.start_seconds = time.perf_counter() - started
         self.engine = self.llm.llm_engine
         self.tokenizer = self.llm.get_tokenizer()
