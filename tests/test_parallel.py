@@ -22,7 +22,7 @@ from engine.parallel.launch import run_parallel
 from engine.parallel.placement import GIB, Gpu, ReplicaError, choose_engines_per_gpu, plan_local
 from engine.parallel.ray_actors import ray_resources
 from engine.parallel.sync import ReplicaSync
-from engine.pipeline.core import Executor, seed_of
+from engine.pipeline.core import Executor, attempt_request
 from engine.pipeline.run import load_run_config, run_method, run_payload
 from engine.pipeline.stages import Compute, Each, Pipeline, Publish, Whole
 from engine.store import RunStore
@@ -301,12 +301,12 @@ def test_two_vllm_replica_processes_split_both_stages(tmp_path, model_dir):
                              Context(out=out, model_name=models.identity(model_dir)["fingerprint"]))
     first, second = pipeline.stages
     committed = committed_keys(out)
-    assert sorted(committed["first"]) == sorted(first.request(i, seed_of(config.seed, "first", [i], 0)).key
+    assert sorted(committed["first"]) == sorted(attempt_request(first, i, [i], 0, config.seed).key
                                                 for i in first.items())
     with RunStore.open(out, run_payload(config)) as store:
         parents = store.rows("first")
     assert sorted(committed["second"]) == sorted(
-        second.request(item, seed_of(config.seed, "second", [p["key"], j], 0)).key
+        attempt_request(second, item, [p["key"], j], 0, config.seed).key
         for p in parents for j, item in enumerate(second.items(p)))
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["dataset"]["num_rows"] == 12

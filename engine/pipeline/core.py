@@ -19,6 +19,7 @@ A crash loses only uncommitted rows: the store commits a parent's stage no later
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import hashlib
@@ -63,7 +64,18 @@ def owns(key: str, replica: tuple[int, int]) -> bool:
 
 def seed_of(run_seed: int, stage: str, ident: Any, attempt: int) -> int:
     """The sampling seed of one attempt of one item: a 31-bit hash of (run seed, stage, item, attempt)."""
-    return int(stable_hash(["sdg-seed", run_seed, stage, ident, attempt], 8), 16) & 0x7FFFFFFF
+    blob = repr(("sdg-seed", run_seed, stage, ident, attempt)).encode()
+    return int.from_bytes(hashlib.blake2b(blob, digest_size=4).digest(), "little") & 0x7FFFFFFF
+
+
+def attempt_request(stage: Generate, item: Any, ident: Any, attempt: int, run_seed: int) -> Request:
+    """The request of one attempt of one item, as the core sends it: the stage's request with the core's seed,
+    keyed by its content and by the item's identity and attempt. (With 31-bit seeds, two items rendering the
+    same prompt draw the same seed about n²/2^32 times among n items: 14 times in 250,000, measured. Without
+    the identity in the key they would be one request, and one of them silently lost.)"""
+    request = stage.request(item, seed_of(run_seed, stage.name, ident, attempt))
+    blob = repr((request.key, ident, attempt)).encode()
+    return dataclasses.replace(request, key=hashlib.blake2b(blob, digest_size=16).hexdigest())
 
 
 def check_stop_after(pipeline: Pipeline, stop_after: str | None) -> None:
@@ -382,7 +394,7 @@ class Executor:
     def _request(self, run: _StageRun, work: _Work) -> Request | None:
         """The request of one attempt, or None when its key is done (a reject: its next attempt is queued)."""
         stage = run.stage
-        request = stage.request(work.item, seed_of(self.seed, stage.name, work.ident, work.attempt))
+        request = attempt_request(stage, work.item, work.ident, work.attempt, self.seed)
         if request.key in self._by_key:
             return None  # the same request twice in flight (two equal items)
         state = self.store.key_state(stage.name, request.key)
