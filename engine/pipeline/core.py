@@ -318,7 +318,13 @@ class Executor:
         first = self._next(engine)
         if first is END:
             return self._did
+        fresh = engine not in self._engines
         backend = self._engine(engine)
+        if fresh:  # the stages it serves start their clocks when it can serve them, not before its start-up
+            ready = time.perf_counter()
+            for run in self._phase:
+                if isinstance(run.stage, Generate) and run.stage.engine == engine and run.stats.first is not None:
+                    run.stats.first = max(run.stats.first, ready)
         by_key = self._by_key
         bar = _Progress(self._phase, enabled=self.progress)
 

@@ -17,7 +17,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from engine.report import plots
+import engine.report.plots as plots
 from engine.report.data import ReportError, RunData, read_run
 from engine.report.methods import section, wanted
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from engine.report import plots
+import engine.report.plots as plots
 from engine.report.data import RunData
 
 # stage -> row fields each method's figures read (collected by engine.report.data.read_run)

@@ -67,9 +67,9 @@ TEMPLATE = r"""<!DOCTYPE html>
  dedup) are from the last publish{% endif %}.{% else %}<span class="status-done">published</span>.{% endif %}
  Model: {{ model }}.</p>
  {{ table(stage_table) }}
- <p class="note">A stage's seconds run from its first request to its last result in each launch (an engine that
- starts on the stage's first request counts in them); the "output tok/s" card divides the output tokens by the
- time the engines spent in their generate loops.</p>
+ <p class="note">A stage's seconds run from its first request (once its engine has started) to its last result in
+ each launch; stages that stream overlap, so the "output tok/s" card divides the output tokens by the time the
+ engines spent in their generate loops.</p>
 </section>
 
 <section id="funnel">
