@@ -43,6 +43,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.bundle_install import sha256_of as sha256_file  # the installer checks pieces the same way
 from engine.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -486,12 +487,6 @@ def _cached_ok(path: Path, dist: Dist) -> bool:
     return path.is_file() and (dist.sha256 is None or sha256_file(path) == dist.sha256)
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(MIB), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ============================================================================================ what else travels
