@@ -16,8 +16,8 @@ Checks, each problem listed (all of them, not only the first):
     tokenizer and the output budget (max_tokens) summed; per-parent stages' fan-out per parent row; stages that
     read whole stages depend on those stages' rows.
 
-Which constraints are found: those built while the method declares its pipeline, those of every root stage's
-requests, those a per-parent stage builds for a placeholder parent row, and those the stage functions hold
+Which constraints are found: those a stage declares (`Generate(..., constraints=...)`), those built while the
+method declares its pipeline, those of every root stage's requests, those a per-parent stage builds for a placeholder parent row, and those the stage functions hold
 (closures, module globals). A constraint built only from a real parent row's content is compiled at run
 time, as before (the stage line says "none found before run time").
 """
@@ -400,6 +400,8 @@ def _plan(f: Findings, config, params, tmp: Path, tokenizer, found: dict[str, Fo
                 plan.line = "requests cannot be built (see the problems)"
             if stage.engine != "main":
                 plan.line += f"; engine {stage.engine!r}"
+            for c in stage.constraints:  # declared by the method: known from the config alone
+                _add(found, c, stage.name)
             seen: set[int] = set()
             for fn in (stage.items, stage.request, stage.parse):
                 for c, own in _held(fn, seen):

@@ -379,15 +379,16 @@ def pipeline(config: Config, ctx: Context) -> Pipeline:
     return Pipeline(
         stages=[
             Generate("contexts", items=lambda: range(config.context_requests), request=context_request,
-                     parse=context_row),
+                     parse=context_row, constraints=(contexts_schema,)),
             Generate("seeds", reads=Whole("contexts"),
                      items=lambda reader, round_: distinct_items(reader.rows("contexts"), "contexts"),
-                     ident=lambda item: [item[0]["key"], item[1]], request=seed_request, parse=seed_row),
+                     ident=lambda item: [item[0]["key"], item[1]], request=seed_request, parse=seed_row,
+                     constraints=(seeds_schema,)),
             Generate("instances", reads=Whole("seeds", "instances", "corrections"), rounds=config.max_rounds,
                      items=instance_items, ident=lambda item: [item["label"], item["attempt"]],
-                     request=instance_request, parse=instance_row(spec)),
+                     request=instance_request, parse=instance_row(spec), constraints=(spec.constraint(),)),
             Generate("corrections", reads=Each("instances"), items=lambda instance: [instance],
-                     request=correction_request, parse=correction_row),
+                     request=correction_request, parse=correction_row, constraints=(label_schema,)),
             Compute("dataset", reads=Whole("instances", "corrections"), rows=dataset_rows, figures=rounds.figures),
         ],
         publish=Publish("dataset", text_fields=spec.text_field_names()))

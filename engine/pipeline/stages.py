@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Union
 
+from engine.constraints import Constraint
 from engine.request import Request, Result
 
 # (request, result) -> (row, reject reason or None)
@@ -77,6 +78,9 @@ class Generate:
     """item -> a JSON-able identity that seeds and owns it; None: its position (see the module docstring)."""
     rounds: int = 1
     """Whole stages only: how many times `items` is asked (it yields nothing once the target is met)."""
+    constraints: tuple[Constraint, ...] = ()
+    """The output constraints of this stage's requests, where the config alone fixes them: `sdg validate`
+    compiles them before a run (one built from a parent row's content can only be checked when it is met)."""
 
 
 @dataclass
