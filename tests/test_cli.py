@@ -130,7 +130,7 @@ def test_input_files_are_part_of_the_run_by_content_not_path(tmp_path, monkeypat
     """The same config in a moved checkout, loaded from another working folder, is the same run; the same
     path with other content is not."""
     from conftest import ROOT
-    from engine.config import load_run_config, run_payload
+    from engine.pipeline.run import load_run_config, run_payload
     from engine.store import config_hash
     copies = []
     for name in ("a", "b"):
