@@ -131,8 +131,10 @@ def cmd_generate(args) -> int:
     default_schema = Constraint.json_schema(args.schema) if args.schema else None
     if backend_name == "vllm":  # known-unsupported keywords fail here, before a 70 s engine start
         _check_grammar_support(args.prompts, grammar, default_schema)
+    # Every line's output is published, as asked: no dedup (a prompts file may repeat a prompt on purpose).
     config = RunConfig(method="generate", model=args.model, backend=backend_name, grammar_backend=grammar,
                        seed=args.seed, store={"commit_rows": args.commit_rows, "commit_seconds": args.commit_seconds},
+                       quality={"exact_dedup": False, "near_dedup": False},
                        params={"prompts": str(args.prompts.resolve()), "sampling": sampling.model_dump(),
                                "schema": default_schema.spec if default_schema else None,
                                "meta": {"model": model_id["name"], "backend": backend_name, "grammar_backend": grammar}})

@@ -104,8 +104,10 @@ def test_unknown_stop_after_is_refused_for_every_method_before_a_model_loads(tmp
 
 def test_generate_with_two_replicas_gives_the_keys_of_one(tmp_path):
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"id": i, "prompt": f"Item {i}:"}) + "\n" for i in range(10)))
-    common = ("--prompts", str(prompts), "--backend", "transformers", "--max-tokens", "3", "--seed", "7")
+    lines = [{"id": i, "prompt": f"Item {i}:" if i < 8 else "Say yes."} for i in range(10)]  # two equal prompts
+    prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    common = ("--prompts", str(prompts), "--backend", "transformers", "--max-tokens", "3", "--seed", "7",
+              "--temperature", "0")
     one = sdg("generate", *common, "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr[-2000:]
     two = sdg("generate", *common, "--out", str(tmp_path / "two"), "--replicas", "2")
@@ -114,3 +116,6 @@ def test_generate_with_two_replicas_gives_the_keys_of_one(tmp_path):
     assert len(committed_keys(tmp_path / "one")["generate"]) == 10
     manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
     assert {w for w, s in manifest["writers"].items() if s["commits"]} == {"r0", "r1"}
+    # every line is published, the two equal (greedy, so equal outputs) ones included: generate does not dedup
+    assert manifest["dataset"]["num_rows"] == manifest["stages"]["generate"]["rows"]
+    assert manifest["dataset"]["quality"]["exact_duplicate"] == 0
