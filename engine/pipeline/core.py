@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import hashlib
 import logging
 import sys
@@ -147,11 +146,10 @@ class Reader:
         """`rows` minus what publishing's quality filters (dedup, decontamination) would remove, in the order
         given: a method counting toward a target counts only rows that will be published."""
         from engine.quality import QualityConfig, apply_filters
+        from engine.store.publish import row_text
         quality = self._quality or QualityConfig()
         ordered = sorted(rows, key=lambda r: r["key"])  # publishing's order: the first of a group by key is kept
-        texts = ["\n".join(v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, sort_keys=True)
-                           for v in (r.get(f) for f in text_fields)
-                           if v is not None) for r in ordered]
+        texts = [row_text(r, text_fields) for r in ordered]
         gone = {m.key for m in apply_filters(list(zip((r["key"] for r in ordered), texts)), quality)}
         return [r for r in rows if r["key"] not in gone]
 

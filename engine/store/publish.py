@@ -101,11 +101,13 @@ def _texts(rows: list[dict], fields: list[str], stage: str) -> list[str]:
             raise StoreError(f"text field {f!r} is in no row of stage {stage!r} "
                              f"(fields of the first row: {', '.join(rows[0])})")
 
-    def one(r: dict) -> str:
-        vals = [r.get(f) for f in fields]
-        return "\n".join(v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, sort_keys=True)
-                         for v in vals if v is not None)
-    return [one(r) for r in rows]
+    return [row_text(r, fields) for r in rows]
+
+
+def row_text(row: dict, fields: list[str]) -> str:
+    """One row's text for the filters: its `fields` (non-strings as JSON) joined by newlines."""
+    return "\n".join(v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, sort_keys=True)
+                     for v in (row.get(f) for f in fields) if v is not None)
 
 
 def _has_empty_struct(t: pa.DataType) -> bool:
