@@ -197,13 +197,13 @@ def test_published_dataset_has_the_configured_rows(copa):
     assert {"premise", "question", "choice1", "choice2", "label", "seed_key", "context_key"} <= set(table.column_names)
 
 
-def test_two_replicas_split_the_steps_and_record_the_dataset_once(copa, vllm_backend, tmp_path):
+def test_two_replicas_split_the_steps_and_record_the_dataset_once(vllm_backend, tmp_path):
     """Replicas (0, 2) and (1, 2) of one launch, as threads sharing the session's engine: each generates only
     the items it owns (contexts, seeds and instances by the hash of stage and item; a correction goes with its
     instance), every step reads the other replica's rows (contexts -> seeds -> instances -> corrections, in
-    rounds), no key is committed twice, the balance holds, the dataset figures are recorded once, the run
-    commits and publishes exactly the keys of the one-replica run that was stopped twice and resumed (`copa`),
-    and a one-replica rerun asks the model nothing."""
+    rounds), no key is committed twice, the balance holds, the dataset figures are recorded once, every
+    committed row was asked for by one of the replicas, the published rows are the dataset stage, and a
+    one-replica rerun asks the model nothing."""
     config = targen.Config.model_validate(PARAMS)
     out = tmp_path / "copa"
     manifest, asked = run_replica_threads(targen, config, _payload(config), out, vllm_backend)
@@ -229,10 +229,13 @@ def test_two_replicas_split_the_steps_and_record_the_dataset_once(copa, vllm_bac
     assert manifest["dataset"]["num_rows"] == stats["rows"] == config.rows  # recorded by one replica, not two
     assert stats["rows_choice1"] == stats["rows_choice2"] == 3
     assert stats["checked"] == manifest["stages"]["corrections"]["rows"]
-    # seeded requests on the same engine: the same rows as one replica stopped after seeds and after instances
-    one_replica = committed_keys(copa["out"])
-    assert {s: sorted(k) for s, k in committed.items()} == {s: sorted(k) for s, k in one_replica.items()}
-    assert _published_keys(out) == _published_keys(copa["out"]) == sorted(r["key"] for r in copa["rows"]["dataset"])
+    # Every committed model row came from a request one of the two replicas made. (Not compared with the
+    # one-replica run: vLLM is not batch-invariant, so a seeded request batched with other neighbours may decode
+    # differently, and which attempts are accepted, hence which keys follow, can differ between the two runs.)
+    asked_keys = {r.key for r in asked[0] + asked[1]}
+    for stage in ("contexts", "seeds", "instances", "corrections"):
+        assert committed[stage] and set(committed[stage]) <= asked_keys, stage
+    assert _published_keys(out) == sorted(committed["dataset"])
     spy, complete = _run(out, config, vllm_backend)
     assert spy.keys == [] and complete
 
