@@ -74,11 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a method (TDG, TarGEN, GLAN) from a YAML config")
     run.add_argument("config", type=Path)
-    run.add_argument("--out", required=True, type=Path)
+    run.add_argument("--out", type=Path, help="the run directory (required unless --plan or --dry-run)")
     run.add_argument("--new", action="store_true", help="start a separate run dir instead of resuming OUT")
     run.add_argument("--stop-after", default=None, help="stop after this stage (e.g. GLAN's taxonomy, to edit it)")
     run.add_argument("--dry-run", action="store_true", help="validate the config and show what it implies "
                      "(as `sdg validate`); generate nothing")
+    run.add_argument("--plan", action="store_true", help="print, per stage, the requests and about how many prompt "
+                     "and output tokens the config implies; loads no model, generates nothing")
     _add_replica_args(run)
     _add_engine_args(run)
 
@@ -157,9 +159,16 @@ def _check_grammar_support(prompts: Path, grammar: str, default_schema) -> None:
 
 
 def cmd_run(args) -> int:
+    from engine.config import ConfigError
     from engine.pipeline.run import check_stop_after, load_run_config
+    if args.plan:
+        from engine.plan import plan, render
+        print(render(plan(args.config, model=args.model)))
+        return 0
     if args.dry_run:
         return cmd_validate(args)
+    if args.out is None:
+        raise ConfigError("sdg run needs --out DIR (the run directory), unless --plan or --dry-run")
     config = load_run_config(args.config)
     for flag in ("model", "backend", "grammar_backend"):
         if getattr(args, flag):

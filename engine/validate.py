@@ -98,9 +98,10 @@ def validate(config_path: Path, overrides: dict | None = None, timeout: float = 
     return findings.ok
 
 
-def check(config_path: Path, overrides: dict | None = None, timeout: float = DEFAULT_TIMEOUT) -> Findings:
+def check(config_path: Path, overrides: dict | None = None, timeout: float = DEFAULT_TIMEOUT,
+          compile: bool = True) -> Findings:
     """Every check; nothing is generated and nothing is written (a method's pipeline is declared with a
-    temporary directory as its run directory)."""
+    temporary directory as its run directory). compile=False skips compiling the constraints."""
     f = Findings(Path(config_path))
     config = _config(f, overrides or {})
     if config is None:
@@ -117,6 +118,8 @@ def check(config_path: Path, overrides: dict | None = None, timeout: float = DEF
         _plan(f, config, params, Path(tmp), tokenizer, found)
     f.constraints = list(found.values())
     _unsupported(f, config.grammar_backend)
+    if not compile:
+        return f
     if model_dir is not None and config.backend == "vllm" and f.constraints:
         _compile_all(f, model_dir, config.grammar_backend, bool(config.engine.get("compact_json")), timeout)
     elif f.constraints and config.backend != "vllm":
@@ -416,7 +419,9 @@ def _plan(f: Findings, config, params, tmp: Path, tokenizer, found: dict[str, Fo
             plan.line += "; constraint: none found before run time"
 
 
-def _tokens(request, tokenizer) -> int | None:
+def prompt_tokens(request, tokenizer) -> int | None:
+    """The prompt length of `request` in tokens, as the engine sends it (chat template applied); None without a
+    tokenizer."""
     if tokenizer is None:
         return None
     if request.messages is not None:
@@ -439,7 +444,7 @@ def _plan_root(plan: StagePlan, stage, config, tokenizer, seed_of, found: dict[s
             _add(found, request.constraint, stage.name)
         output += request.sampling.max_tokens
         if counted < TOKENIZE_AT_MOST:
-            n = _tokens(request, tokenizer)
+            n = prompt_tokens(request, tokenizer)
             if n is not None:
                 prompt += n
                 counted += 1
@@ -466,7 +471,7 @@ def _plan_child(plan: StagePlan, stage, tokenizer, found: dict[str, Found]) -> N
             request = stage.request(items[0], 0)
             if request.constraint is not None:
                 _add(found, request.constraint, stage.name)
-            n = _tokens(request, tokenizer)
+            n = prompt_tokens(request, tokenizer)
             line += f"; output at most {request.sampling.max_tokens:,} tokens each"
             if n is not None:
                 line += f"; about {n:,} prompt tokens each (with a placeholder parent)"
@@ -519,13 +524,57 @@ def _compile_all(f: Findings, model_dir: Path, grammar_backend: str, compact: bo
             f.problems.append(f"{c.name}{stages}: {c.error}")
 
 
+class ConstraintChecker:
+    """Each constraint checked as the engine would take it, under a time limit, before any engine starts
+    (`sdg generate`'s preflight):
+
+        checker = ConstraintChecker(model_dir, "guidance", timeout=30)
+        checker.check("json", {"type": "string", "minLength": 5, "maxLength": 2})
+        # -> ("refused_schema", "vLLM refuses it: Grammar error: Unsatisfiable schema: minLength (5) is ...")
+        checker.close()
+
+    vLLM's own request validation runs first (SamplingParams: nesting depth, the grammar backend's validation),
+    then the compile `sdg validate` does (_compiler), both in one worker process; past `timeout` seconds the
+    worker is killed (and a fresh one started for the next constraint) and the verdict is "compile_timeout".
+    vLLM has no compile timeout for JSON Schemas (vllm issue #54003): without this a pathological schema stalls
+    the engine. check() returns None, or (code, detail) with code "refused_schema" or "compile_timeout"."""
+
+    def __init__(self, model_dir: Path, grammar_backend: str, compact: bool = False,
+                 timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.model_dir, self.grammar_backend, self.compact, self.timeout = model_dir, grammar_backend, compact, timeout
+        self.worker: _Worker | None = None
+
+    def check(self, kind: str, spec: Any) -> tuple[str, str] | None:
+        from engine.constraints import ConstraintError
+        if self.worker is None:
+            self.worker = _Worker(self.model_dir, self.grammar_backend, self.compact, vllm_checks=True)
+            if self.worker.error:
+                error = self.worker.error
+                self.close()
+                raise ConstraintError(f"grammar backend {self.grammar_backend}: {error}")
+        status, value = self.worker.compile(kind, spec, self.timeout)
+        if status == "ok":
+            return None
+        if status == "timeout":
+            self.close()
+            return "compile_timeout", (f"did not compile within {self.timeout:g} s with {self.grammar_backend} (a "
+                                       f"pathological constraint would stall the engine: simplify it)")
+        return "refused_schema", value
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+            self.worker = None
+
+
 class _Worker:
     """A process holding the grammar library and the model's tokenizer, compiling one constraint at a time."""
 
-    def __init__(self, model_dir: Path, grammar_backend: str, compact: bool) -> None:
+    def __init__(self, model_dir: Path, grammar_backend: str, compact: bool, vllm_checks: bool = False) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve, args=(child, str(model_dir), grammar_backend, compact), daemon=True)
+        self.process = ctx.Process(target=_serve, args=(child, str(model_dir), grammar_backend, compact, vllm_checks),
+                                   daemon=True)
         self.process.start()
         child.close()
         self.error = None
@@ -555,14 +604,17 @@ class _Worker:
         self.conn.close()
 
 
-def _serve(conn, model_dir: str, grammar_backend: str, compact: bool) -> None:
-    """The worker's loop: load the library and tokenizer once, then compile what is sent."""
+def _serve(conn, model_dir: str, grammar_backend: str, compact: bool, vllm_checks: bool = False) -> None:
+    """The worker's loop: load the library and tokenizer once, then compile what is sent (with `vllm_checks`,
+    after vLLM's own validation of a request's constraint)."""
     import os
     import warnings
     warnings.simplefilter("ignore")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         compile_one = _compiler(model_dir, grammar_backend, compact)
+        if vllm_checks:
+            compile_one = _with_vllm_checks(compile_one, model_dir, grammar_backend, compact)
     except Exception as e:  # noqa: BLE001
         conn.send(("error", f"cannot load it with the model's tokenizer: {e}"))
         return
@@ -578,6 +630,34 @@ def _serve(conn, model_dir: str, grammar_backend: str, compact: bool) -> None:
             conn.send(("ok", time.perf_counter() - started))
         except Exception as e:  # noqa: BLE001 - the library's own message is the finding
             conn.send(("error", str(e).splitlines()[0][:300] if str(e) else type(e).__name__))
+
+
+def _with_vllm_checks(compile_one, model_dir: str, grammar_backend: str, compact: bool):
+    """`compile_one`, preceded by vLLM's own validation of a request's constraint (what its engine refuses:
+    schemas nested too deeply, a backend's unsupported or unsatisfiable schema), as `LLM.generate` runs it."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams
+    from vllm.config import StructuredOutputsConfig
+    from vllm.sampling_params import StructuredOutputsParams
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    config = StructuredOutputsConfig(backend=grammar_backend, disable_any_whitespace=compact)
+    model = SimpleNamespace(is_diffusion=False)  # all that this validation reads of the model's config
+
+    def checked(kind: str, spec: Any) -> None:
+        field = {"json": "json", "regex": "regex", "choice": "choice", "grammar": "grammar"}[kind]
+        params = SamplingParams(max_tokens=1, structured_outputs=StructuredOutputsParams(
+            **{field: list(spec) if kind == "choice" else spec}))
+        try:
+            params._validate_structured_outputs(model, config, tokenizer)
+        except Exception as e:  # noqa: BLE001 - VLLMValidationError, ValueError: vLLM's message is the finding
+            raise ValueError(f"vLLM refuses it: {e}") from None
+        try:
+            compile_one(kind, spec)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"the {grammar_backend} grammar backend cannot compile it: {e}") from None
+    return checked
 
 
 def _compiler(model_dir: str, grammar_backend: str, compact: bool):

@@ -33,12 +33,14 @@ def hf_backend(model_dir):
     return load_backend("transformers", str(model_dir), grammar_backend="guidance")
 
 
-def sdg(*args: str, env: dict | None = None, timeout: int = 900):
-    """Run the real `sdg` command line in a subprocess."""
+def sdg(*args: str, env: dict | None = None, timeout: int = 900, cwd: Path | None = None):
+    """Run the real `sdg` command line in a subprocess (in the repository, or in `cwd`)."""
     import subprocess
     full_env = {**os.environ, **(env or {})}
+    if cwd is not None:
+        full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), full_env.get("PYTHONPATH")]))
     return subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=full_env)
+                          timeout=timeout, cwd=cwd or ROOT, env=full_env)
 
 
 # ------------------------------------------------------------------------------ replicas of a method, in threads

@@ -46,45 +46,70 @@ SIZES += [[random.Random(i).randint(0, 7) for _ in range(random.Random(100 + i).
 
 
 @pytest.mark.parametrize("sizes", SIZES, ids=str)
-def test_counts_match_brute_force(sizes):
+def test_every_draw_is_valid_and_every_valid_draw_is_reachable(sizes):
     a, b = brute_a(sizes), brute_b(sizes)
-    assert glan.count_a(sizes) == len(a)
-    assert glan.count_b(sizes) == len(b)
-    # unranking is a bijection from [0, count) onto exactly the valid draws
-    assert {glan.unrank_a(sizes, i) for i in range(len(a))} == a
-    assert {glan.unrank_b(sizes, i) for i in range(len(b))} == b
-    for unrank, n in ((glan.unrank_a, len(a)), (glan.unrank_b, len(b))):
-        with pytest.raises(ValueError):
-            unrank(sizes, n)
+    rng = random.Random(sum(sizes) * 31 + len(sizes))
+    for valid, sample in ((a, glan.sample_a), (b, glan.sample_b)):
+        if not valid:
+            with pytest.raises(ValueError, match="no strategy"):
+                sample(sizes, rng)
+            continue
+        seen = {sample(sizes, rng) for _ in range(60 * len(valid))}
+        assert seen <= valid  # never an invalid draw (a concept twice, B all from one session, too many)
+        if len(valid) <= 40:
+            assert seen == valid  # every combination can be drawn
 
 
-def test_counts_closed_form_examples():
-    assert glan.count_a([5]) == 31  # 2^5 - 1
-    assert glan.count_a([7]) == sum(math.comb(7, k) for k in range(1, 6))
-    assert glan.count_b([1, 1]) == 1 and glan.count_b([3]) == 0 and glan.count_b([4, 0]) == 0
+def _chi_square(observed: dict, expected: dict, n: int) -> float:
+    return sum((observed.get(c, 0) - p * n) ** 2 / (p * n) for c, p in expected.items())
 
 
-def _chi_square(counts: dict, cells: int, n: int) -> float:
-    expected = n / cells
-    return sum((counts.get(c, 0) - expected) ** 2 / expected for c in range(cells))
+def _distribution(draws) -> dict:
+    out: dict = {}
+    for d in draws:
+        out[d] = out.get(d, 0) + 1
+    return out
 
 
-@pytest.mark.parametrize("strategy", ["a", "b"])
-def test_sampling_is_uniform_over_combinations(strategy):
-    sizes = [3, 2, 1]
-    valid = sorted(brute_a(sizes) if strategy == "a" else brute_b(sizes))
-    index = {d: i for i, d in enumerate(valid)}
+# The paper's order: sessions first, then the number of concepts uniform in its range, then the concepts.
+# Expected distributions of (number of concepts), computed by hand from that order:
+#   A on [5, 5, 5]: any session, k uniform in 1..5           -> 1/5 each
+#   A on [2, 6]:    session 0 (k in 1..2) or 1 (k in 1..5)    -> k=1,2: (1/2)(1/2)+(1/2)(1/5); k=3..5: (1/2)(1/5)
+#   B on [5, 5]:    k uniform in 2..5                         -> 1/4 each (uniform over combinations gave 4-5
+#                                                                concepts 78% of the time: C(10,4)+C(10,5) dominate)
+#   B on [1, 1, 2]: pairs (0,1): k=2; (0,2),(1,2): k in 2..3  -> k=2: 1/3 + (2/3)(1/2); k=3: (2/3)(1/2)
+CONCEPT_COUNTS = [
+    ("a", [5, 5, 5], {k: 1 / 5 for k in range(1, 6)}),
+    ("a", [2, 6], {1: 0.35, 2: 0.35, 3: 0.1, 4: 0.1, 5: 0.1}),
+    ("b", [5, 5], {k: 1 / 4 for k in range(2, 6)}),
+    ("b", [1, 1, 2], {2: 2 / 3, 3: 1 / 3}),
+]
+
+
+@pytest.mark.parametrize("strategy, sizes, expected", CONCEPT_COUNTS, ids=lambda x: str(x))
+def test_concept_counts_follow_the_papers_sampling(strategy, sizes, expected):
     sample = glan.sample_a if strategy == "a" else glan.sample_b
-    rng = random.Random(1234)
-    n = 400 * len(valid)
-    counts: dict[int, int] = {}
-    for _ in range(n):
-        d = sample(sizes, rng)
-        counts[index[d]] = counts.get(index[d], 0) + 1  # KeyError: an invalid draw
-    assert len(counts) == len(valid)  # every combination is reachable
-    # chi-square against uniform; 0.1% critical values for 10 and 30 degrees of freedom
-    critical = {11: 29.6, 31: 59.7}[len(valid)]
-    assert _chi_square(counts, len(valid), n) < critical
+    rng = random.Random(2402)
+    n = 20_000
+    draws = [sample(sizes, rng) for _ in range(n)]
+    counts = _distribution(len(concepts) for _, concepts in draws)
+    assert set(counts) == set(expected)
+    # chi-square against the expected distribution; 0.1% critical values for 1..4 degrees of freedom
+    critical = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47}[len(expected) - 1]
+    assert _chi_square(counts, expected, n) < critical, counts
+    # sessions are drawn uniformly among those with concepts
+    sessions = _distribution(picked for picked, _ in draws)
+    share = 1 / len(sessions)
+    assert all(abs(c / n - share) < 0.02 for c in sessions.values()), sessions
+
+
+def test_concepts_are_uniform_given_their_number():
+    """Given the session and k, every k-subset is equally likely (strategy A, session of 5, k = 2: 10 subsets)."""
+    rng = random.Random(5)
+    draws = [glan.sample_a([5], rng) for _ in range(30_000)]
+    pairs = _distribution(c for _, c in draws if len(c) == 2)
+    n = sum(pairs.values())
+    assert len(pairs) == 10 and _chi_square(pairs, {p: 0.1 for p in pairs}, n) < 27.88  # 9 d.o.f., 0.1%
 
 
 def test_strategy_mix_is_configurable_and_falls_back_to_a():
@@ -95,6 +120,69 @@ def test_strategy_mix_is_configurable_and_falls_back_to_a():
     assert {glan.sample_concepts([3, 2], rng, 0.0)[0] for _ in range(50)} == {glan.SINGLE}
     with pytest.raises(ValueError, match="no strategy-A draw"):
         glan.sample_a([0, 0], rng)
+
+
+# ------------------------------------------------------------------------------------------ answers
+
+@pytest.mark.parametrize("answer", [
+    "I don't know.", "I do not know the answer to this question.", "I'm sorry, but I can't help with that.",
+    "I am unable to determine this.", "As an AI language model, I cannot solve homework.",
+    "Unfortunately, I cannot provide an answer.", "  Sorry, this is outside what I know.",
+    "I cannot answer that without more context.", "Not enough information is given to answer.",
+])
+def test_an_answer_that_declines_is_a_reject(answer):
+    request = glan.answer_request(glan.Config(), "m", {"question": "Why is the sky blue?", "key": "q",
+                                                       "question_index": 0}, 1)
+    result = SimpleNamespace(key="k", text=answer, finish_reason="stop", prompt_tokens=9, output_tokens=5, valid=True,
+                             reason=None)
+    assert glan.answer_row(request, result)[1] == "declined"
+
+
+@pytest.mark.parametrize("answer", [
+    "Rayleigh scattering: shorter wavelengths scatter more, so the sky looks blue.",
+    "Step 1: F = ma = 3 kg x 4 m/s^2 = 12 N. (I don't know a shorter way, but this one is exact.)",
+    "Iodine is an element.", "In 1815, Napoleon was defeated at Waterloo.",
+])
+def test_an_answer_that_answers_is_kept(answer):
+    request = glan.answer_request(glan.Config(), "m", {"question": "Why?", "key": "q", "question_index": 0}, 1)
+    result = SimpleNamespace(key="k", text=answer, finish_reason="stop", prompt_tokens=9, output_tokens=5, valid=True,
+                             reason=None)
+    assert glan.answer_row(request, result)[1] is None
+    cut = SimpleNamespace(key="k", text=answer, finish_reason="length", prompt_tokens=9, output_tokens=5, valid=True,
+                          reason=None)
+    assert glan.answer_row(request, cut)[1] == "truncated"  # a cut answer stays a reject
+
+
+def test_paper_scale_defaults():
+    config = glan.Config()
+    assert config.answer_sampling.max_tokens >= 2048
+    for sampling in (config.subject_sampling, config.syllabus_sampling):
+        assert (sampling.temperature, sampling.top_p) == (1.0, 0.95)
+    assert config.levels == list(glan.LEVELS) and config.subjects_per_discipline is None
+    syllabus = glan.SCHEMAS["syllabus"].spec["properties"]["sessions"]
+    assert syllabus["maxItems"] == glan.MAX_SESSIONS == 30
+
+
+# ------------------------------------------------------------------------------------------ the plan
+
+def test_plan_of_the_demo_and_the_full_config_loads_no_model(tmp_path):
+    """`sdg run CONFIG --plan`: per stage, the requests the config implies, counted from the taxonomy file and
+    the fan-out; no --out, no engine, nothing written."""
+    r = sdg("run", str(ROOT / "configs" / "glan.yaml"), "--plan", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = {line.split()[0]: line.split() for line in r.stdout.splitlines()[2:] if line.strip()}
+    demo = glan.Config.model_validate({**yaml.safe_load((ROOT / "configs" / "glan.yaml").read_text())["params"],
+                                       "taxonomy_file": ROOT / "data" / "glan" / "taxonomy.yaml"})
+    disciplines = len(glan.load_taxonomy(demo.taxonomy_file))
+    assert lines["taxonomy"][1] == str(disciplines)
+    assert lines["subjects"][1] == str(disciplines * len(demo.levels) * demo.subject_samples)
+    assert lines["syllabus"][1] == str(disciplines * demo.subjects_per_discipline)
+    assert lines["questions"][1] == str(math.ceil(demo.num_rows * demo.overprovision))
+    assert lines["rows"][1] == str(demo.num_rows)
+    assert "VLLM" not in r.stderr and not list(tmp_path.iterdir())
+    full = sdg("run", str(ROOT / "configs" / "glan_full.yaml"), "--plan", cwd=tmp_path)
+    assert full.returncode == 0, full.stderr[-2000:]
+    assert "135 disciplines in taxonomy_full.yaml" in full.stdout and "11,000,000" in full.stdout
 
 
 # ------------------------------------------------------------------------------------------ taxonomy file
@@ -242,6 +330,7 @@ def small_config(tmp_path: Path, model_dir: Path, answer_model: Path | None = No
     (tmp_path / "taxonomy.yaml").write_text(TAXONOMY)
     return glan.Config(
         taxonomy_file=tmp_path / "taxonomy.yaml", subject_samples=2, subjects_per_discipline=1, num_rows=4,
+        levels=["undergraduate"], subjects_per_level=2, max_sessions=4,
         attempts=3, max_rounds=4, answer_model=str(answer_model or model_dir),  # the run's model: its engine answers
         subject_sampling={"max_tokens": 256, "temperature": 0.8},
         syllabus_sampling={"max_tokens": 300, "temperature": 0.7},
@@ -420,3 +509,35 @@ def test_two_replicas_split_every_stage_and_publish_the_configured_rows(tmp_path
     assert done.complete and not done.started and not spy.take()
     assert len(done.rows) == config.num_rows
     _check_provenance(out, config, done.rows, fingerprint, fingerprint)  # answer_model is the run's model
+    _check_plan(config, out, model_dir, fingerprint)
+
+
+def _check_plan(config: glan.Config, out: Path, model_dir: Path, fingerprint: str) -> None:
+    """`--plan`'s numbers against what the run generated: first-attempt requests per stage exactly (every
+    subject list, every syllabus of a kept subject, round 1's questions), prompt tokens per request exactly
+    where the plan renders the real prompt (subject lists) and roughly where it stands in for a parent's output
+    (syllabus, questions, answers: within a factor of 2), and no stage's output above its budget."""
+    from transformers import AutoTokenizer
+    from engine.plan import estimate_stages
+    ctx = Context(out=out, seed=0, model_name=fingerprint, progress=False)
+    planned = {s.stage: s for s in estimate_stages(glan, config, ctx, AutoTokenizer.from_pretrained(str(model_dir)))}
+    with RunStore.open(out, _payload(config)) as store:
+        asked = {st: store.rows(st) + [r["row"] for r in store.rejects(st)]
+                 for st in ("subjects", "syllabus", "questions", "answers")}
+    items = {"subjects": lambda r: (r["discipline"], r["level"], r["sample"]), "syllabus": glan.subject_id,
+             "questions": lambda r: r["question_index"], "answers": lambda r: r["question_key"]}
+    distinct = {st: {items[st](r) for r in rows} for st, rows in asked.items()}
+    assert planned["taxonomy"].requests == 2
+    assert len(distinct["subjects"]) == planned["subjects"].requests == 2 * len(config.levels) * config.subject_samples
+    assert len(distinct["syllabus"]) == planned["syllabus"].requests == 2
+    assert set(range(planned["questions"].requests)) <= distinct["questions"]  # round 1 asked them all
+    assert planned["rows"].requests == config.num_rows
+    for st, rows in asked.items():
+        mean = sum(r["prompt_tokens"] for r in rows) / len(rows)
+        each = planned[st].prompt_tokens_each
+        if st == "subjects":
+            assert abs(mean - each) <= 0.02 * each, (st, mean, each)
+        else:
+            assert each / 2 <= mean <= each * 2, (st, mean, each)
+        budget = planned[st].max_output_tokens / planned[st].requests
+        assert max(r["output_tokens"] for r in rows) <= budget

@@ -40,6 +40,7 @@ def glan_config(tmp: Path) -> RunConfig:
     taxonomy.write_text(f"Sciences:\n  Physics: [Classical Mechanics]\nHumanities:\n  Philosophy: ['{ONERROR}Logic']\n")
     return RunConfig(method="glan", seed=0, store={"commit_rows": 50, "commit_seconds": 1},
                      params={"taxonomy_file": str(taxonomy), "subject_samples": 1, "subjects_per_discipline": 1,
+                             "levels": ["undergraduate"], "subjects_per_level": 2, "max_sessions": 4,
                              "num_rows": 4, "attempts": 4, "max_rounds": 3,
                              "subject_sampling": {"max_tokens": 256, "temperature": 0.8},
                              "syllabus_sampling": {"max_tokens": 512, "temperature": 0.7},

@@ -58,6 +58,7 @@ engine: {max_num_seqs: 1}
 seed: 6
 store: {commit_rows: 1, commit_seconds: 60}
 params: {taxonomy_file: TAXONOMY, subject_samples: 1, subjects_per_discipline: 1, num_rows: 2, max_rounds: 2,
+         levels: [undergraduate], subjects_per_level: 2, max_sessions: 4,
          subject_sampling: {max_tokens: 256, temperature: 0.8}, syllabus_sampling: {max_tokens: 300, temperature: 0.7},
          question_sampling: {max_tokens: 120, temperature: 0.8}, answer_sampling: {max_tokens: 120, temperature: 0.3}}
 """,

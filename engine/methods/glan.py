@@ -13,10 +13,11 @@ the concept sampling they use. The stages (engine.pipeline runs them: resume, re
   3. Syllabus.  Reads every subject list (a whole-stage read): per discipline the samples are merged and
      deduplicated by name, the first `subjects_per_discipline` kept; per subject, constrained JSON class
      sessions, each with a title, a description and key concepts.
-  4. Questions.  Per question, a syllabus (round-robin over disciplines) and a draw of sessions and concepts,
-     uniform over all valid combinations (`count_a`/`count_b`, `sample_a`/`sample_b`):
+  4. Questions.  Per question, a syllabus (round-robin over disciplines) and a draw made the paper's way
+     (`sample_a`/`sample_b`): first the class sessions, then how many key concepts (uniform in its range),
+     then which ones:
        A ("single_session"): one session, then 1-5 of its key concepts;
-       B ("two_sessions"):   two sessions, then 2-5 concepts from their union, never all from one session.
+       B ("two_sessions"):   two sessions, then 2-5 concepts from their union, at least one from each.
      The question prompt holds the syllabus up to the last sampled session ("the student has learned up to").
   5. Answers.  Per accepted question, as soon as it is accepted: its own sampling and, optionally, its own model
      (`answer_model`, the pipeline's engine "answer", started only when an answer is asked).
@@ -41,9 +42,11 @@ to stage `rows` stay published, so edit before that stage (or start a run with -
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import random
+import re
 import sys
 import uuid
 from dataclasses import dataclass
@@ -58,11 +61,13 @@ from engine.config import ConfigError
 from engine.constraints import Constraint
 from engine.methods import Context
 from engine.pipeline.stages import Compute, Each, Generate, Pipeline, Publish, Whole
+from engine.plan import StageEstimate
 from engine.prompting import render
 from engine.request import Request, Result, Sampling, stable_hash
 
 GRAMMARS = Path(__file__).resolve().parents[2] / "grammars" / "glan"
-LEVELS = ("high school", "undergraduate", "graduate")  # the enum of grammars/glan/subjects.schema.json
+LEVELS = ("high school", "undergraduate", "graduate")  # the levels of a curriculum (default `levels`)
+MAX_SESSIONS = 30  # a course: the maxItems of sessions in grammars/glan/syllabus.schema.json (max_sessions)
 SINGLE, MULTI = "single_session", "two_sessions"  # the paper's two ways to sample concepts (A and B)
 A_SIZES = (1, 5)  # strategy A: 1-5 key concepts of one session
 B_SIZES = (2, 5)  # strategy B: 2-5 key concepts of two sessions, from both
@@ -100,10 +105,17 @@ class Config(BaseModel):
     is resolved against the config file's folder. None: the model writes it (`taxonomy_generation`)."""
     taxonomy_generation: TaxonomyGeneration = Field(default_factory=TaxonomyGeneration)
     """Used only when `taxonomy_file` is None."""
-    subject_samples: int = Field(2, ge=1, le=20)
-    """Subject-list samples per discipline (distinct seeds), merged and deduplicated by name."""
-    subjects_per_discipline: int = Field(3, ge=1, le=100)
-    """Subjects kept per discipline after merging (the first ones, in sample order)."""
+    levels: list[str] = Field(default_factory=lambda: list(LEVELS), min_length=1)
+    """The levels a curriculum has: a discipline's subjects are asked for level by level."""
+    subjects_per_level: int = Field(10, ge=1, le=20)
+    """Subjects asked for in each list (one list per discipline, level and sample; at most 20, the schema's
+    maxItems). A discipline gets up to levels x subject_samples x this many subjects: raise subject_samples for
+    more; no per-request ceiling caps a discipline."""
+    subject_samples: int = Field(1, ge=1, le=50)
+    """Subject-list samples per discipline and level (distinct seeds), merged and deduplicated by name."""
+    subjects_per_discipline: int | None = Field(None, ge=1, le=10_000)
+    """Subjects kept per discipline after merging (the first ones: level by level, in sample order); None
+    keeps them all."""
     num_rows: int = Field(100, ge=1, le=10_000_000)
     """Question-answer rows to publish."""
     two_session_ratio: float = Field(0.5, ge=0.0, le=1.0)
@@ -115,14 +127,20 @@ class Config(BaseModel):
     """Each question round asks for (rows still missing) x this many questions."""
     max_rounds: int = Field(4, ge=1, le=100)
     """Most question/answer rounds; after them the run publishes what it has and records the shortfall."""
-    subject_sampling: Sampling = Field(default_factory=lambda: Sampling(max_tokens=256, temperature=0.8))
-    """Sampling of each subject list."""
-    syllabus_sampling: Sampling = Field(default_factory=lambda: Sampling(max_tokens=640, temperature=0.7))
-    """Sampling of each syllabus (the longest JSON output)."""
+    max_sessions: int = Field(MAX_SESSIONS, ge=2, le=MAX_SESSIONS)
+    """Most class sessions of a syllabus (the prompt says it and the schema's maxItems enforces it)."""
+    subject_sampling: Sampling = Field(
+        default_factory=lambda: Sampling(max_tokens=1024, temperature=1.0, top_p=0.95))
+    """Sampling of each subject list (the paper's reference settings: temperature 1.0, top_p 0.95)."""
+    syllabus_sampling: Sampling = Field(
+        default_factory=lambda: Sampling(max_tokens=4096, temperature=1.0, top_p=0.95))
+    """Sampling of each syllabus, up to 30 sessions (the paper's reference settings: temperature 1.0, top_p
+    0.95)."""
     question_sampling: Sampling = Field(default_factory=lambda: Sampling(max_tokens=200, temperature=0.8))
     """Sampling of each question."""
-    answer_sampling: Sampling = Field(default_factory=lambda: Sampling(max_tokens=512, temperature=0.3))
-    """Sampling of each answer; an answer cut off by max_tokens is rejected ('truncated')."""
+    answer_sampling: Sampling = Field(default_factory=lambda: Sampling(max_tokens=2048, temperature=0.3))
+    """Sampling of each answer: a budget that fits a worked answer; an answer cut off by max_tokens is rejected
+    ('truncated'), one that declines ('I don't know', 'as an AI') is rejected ('declined')."""
     answer_model: str | None = None
     """A local HF folder or .gguf file for the answers (the paper answers with another model than it asks with).
     None, or the run's own model: the run's backend answers. Another model is loaded as a second backend of the
@@ -176,20 +194,30 @@ def taxonomy_request(config: Config, model: str, stage: str, parents: tuple[str,
                         n=n)
 
 
-def subjects_request(config: Config, model: str, item: tuple[dict, int], seed: int) -> Request:
-    """Sample `sample` of a discipline's subject list."""
-    d, sample = item
+def subjects_request(config: Config, model: str, item: tuple[dict, str, int], seed: int) -> Request:
+    """Sample `sample` of a discipline's subject list at one level."""
+    d, level, sample = item
     return json_request(model, "subjects", "glan/subjects.jinja", SCHEMAS["subjects"], config.subject_sampling,
-                        seed, meta={**_discipline_of(d), "sample": sample}, field=d["field"],
-                        subfield=d["subfield"], discipline=d["discipline"], levels=list(LEVELS),
-                        n=config.subjects_per_discipline)
+                        seed, meta={**_discipline_of(d), "level": level, "sample": sample}, field=d["field"],
+                        subfield=d["subfield"], discipline=d["discipline"], level=level,
+                        n=config.subjects_per_level)
 
 
 def syllabus_request(config: Config, model: str, subject: dict, seed: int) -> Request:
-    """The syllabus of one subject (its discipline, level and subtopics)."""
-    return json_request(model, "syllabus", "glan/syllabus.jinja", SCHEMAS["syllabus"], config.syllabus_sampling,
-                        seed, meta=subject, discipline=subject["discipline"], subject=subject["subject"],
-                        level=subject["level"], subtopics=subject["subtopics"])
+    """The syllabus of one subject (its discipline, level and subtopics), at most `max_sessions` sessions."""
+    return json_request(model, "syllabus", "glan/syllabus.jinja", syllabus_schema(config.max_sessions),
+                        config.syllabus_sampling, seed, meta=subject, discipline=subject["discipline"],
+                        subject=subject["subject"], level=subject["level"], subtopics=subject["subtopics"],
+                        max_sessions=config.max_sessions)
+
+
+def syllabus_schema(max_sessions: int) -> Constraint:
+    """grammars/glan/syllabus.schema.json with at most `max_sessions` sessions."""
+    if max_sessions == MAX_SESSIONS:
+        return SCHEMAS["syllabus"]
+    spec = json.loads(json.dumps(SCHEMAS["syllabus"].spec))
+    spec["properties"]["sessions"]["maxItems"] = max_sessions
+    return Constraint.json_schema(spec)
 
 
 def question_request(config: Config, ctx: Context, item: tuple[int, dict], seed: int) -> Request:
@@ -252,9 +280,10 @@ def pipeline(config: Config, ctx: Context) -> Pipeline:
                  request=node_request("taxonomy_disciplines"), parse=taxonomy_row, attempts=config.attempts),
         Compute("taxonomy", reads=Whole("taxonomy_disciplines"), persist=False,
                 rows=lambda reader, _round: taxonomy_rows(config, ctx, reader)),
-        # 2. subject lists, per discipline of the file
+        # 2. subject lists, per discipline of the file and level of the curriculum
         Generate("subjects", reads=Each("taxonomy"),
-                 items=lambda d: [(d, sample) for sample in range(config.subject_samples)],
+                 items=lambda d: [(d, level, sample) for level in config.levels
+                                  for sample in range(config.subject_samples)],
                  request=partial(subjects_request, config, model), parse=subjects_row, attempts=config.attempts),
         # 3. a syllabus per kept subject (keeping needs every sample of a discipline)
         Generate("syllabus", reads=Whole("subjects"), items=lambda reader, _round: subjects_of(config, reader),
@@ -271,6 +300,66 @@ def pipeline(config: Config, ctx: Context) -> Pipeline:
         Compute("rows", reads=Whole("questions", "answers"), rows=qa.rows),
     ]
     return Pipeline(stages, Publish("rows", text_fields=TEXT_FIELDS), engines=engines)
+
+
+# ------------------------------------------------------------------------------------------ the plan
+
+PLAN_SESSIONS = 12  # the syllabus length a plan assumes for question prompts (the schema allows up to 30) ...
+PLAN_SESSION_TOKENS = 80  # ... or fewer, when the syllabus budget holds fewer sessions of about this size
+
+
+def plan(config: Config, ctx: Context) -> list[StageEstimate]:
+    """What this config implies per stage, from the config and the taxonomy file alone (`sdg run --plan`):
+    first-attempt requests, and requests like each stage's (real prompts where the file gives the content,
+    stand-ins where a parent's output would: a subject's name, a syllabus, a question)."""
+    model = ctx.model_name
+    estimates: list[StageEstimate] = []
+    if config.taxonomy_file is not None:
+        disciplines = load_taxonomy(config.taxonomy_file)
+        estimates.append(StageEstimate("taxonomy", len(disciplines),
+                                       note=f"{len(disciplines)} disciplines in {config.taxonomy_file.name}"))
+    else:
+        gen = config.taxonomy_generation
+        nodes = {"taxonomy_fields": [()],
+                 "taxonomy_subfields": [(f"Field {f}",) for f in range(gen.num_fields)],
+                 "taxonomy_disciplines": [(f"Field {f}", f"Sub-field {s}") for f in range(gen.num_fields)
+                                          for s in range(gen.subfields_per_field)]}
+        for stage, parents in nodes.items():
+            estimates.append(StageEstimate(stage, len(parents), [taxonomy_request(config, model, stage, p, 0)
+                                                                 for p in parents[:8]], attempts=config.attempts))
+        disciplines = [Discipline(f, s, f"Discipline {d}") for f, s in nodes["taxonomy_disciplines"]
+                       for d in range(gen.disciplines_per_subfield)]
+        estimates.append(StageEstimate("taxonomy", len(disciplines), note="if every list is full"))
+    lists = [(_discipline_of(d), level, sample) for d in disciplines for level in config.levels
+             for sample in range(config.subject_samples)]
+    estimates.append(StageEstimate("subjects", len(lists), [subjects_request(config, model, x, 0) for x in lists[:64]],
+                                   attempts=config.attempts))
+    most = len(config.levels) * config.subject_samples * config.subjects_per_level
+    kept = min(most, config.subjects_per_discipline or most)
+    subjects = [{**_discipline_of(d), "subject": f"{d.name}: subject {k}", "level": config.levels[0],
+                 "subtopics": [f"{d.name} subtopic {t}" for t in range(4)], "subjects_key": "0" * 32}
+                for d in disciplines[:64] for k in range(min(kept, 1))]
+    estimates.append(StageEstimate("syllabus", len(disciplines) * kept,
+                                   [syllabus_request(config, model, x, 0) for x in subjects],
+                                   note=f"{kept} subject{'s' * (kept != 1)} per discipline"
+                                        + ("" if config.subjects_per_discipline else " if every list is full "
+                                           "and no name repeats"), attempts=config.attempts))
+    first_round = math.ceil(config.num_rows * config.overprovision)
+    budget = config.syllabus_sampling.max_tokens // PLAN_SESSION_TOKENS
+    sessions = max(2, min(PLAN_SESSIONS, config.max_sessions, budget))
+    syllabi = [{**x, "syllabus_key": "0" * 32, "sessions": [
+        {"title": f"Session {n}: {x['subject']}", "description": f"What students learn in session {n} of "
+         f"{x['subject']}, with its methods and examples.", "key_concepts": [f"concept {n}.{c}" for c in range(4)]}
+        for n in range(1, sessions + 1)]} for x in subjects]
+    questions = [question_request(config, ctx, (q, syllabi[q % len(syllabi)]), 0) for q in range(64)]
+    estimates.append(StageEstimate("questions", first_round, questions,
+                                   note=f"round 1 (num_rows x overprovision); later rounds ask the shortfall; "
+                                        f"prompts assume {sessions}-session syllabi"))
+    question = " ".join(["Explain, with a worked example, how this key concept applies to the case below."] * 3)
+    answers = [answer_request(config, model, {"question": question, "key": "0", "question_index": 0}, 0)]
+    estimates.append(StageEstimate("answers", first_round, answers, note="one per accepted question"))
+    estimates.append(StageEstimate("rows", config.num_rows, note="published"))
+    return estimates
 
 
 def answering_model(config: Config, ctx: Context) -> tuple[str, Path | None]:
@@ -341,21 +430,24 @@ def model_taxonomy(reader) -> list[Discipline]:
 # ------------------------------------------------------------------------------------------ 3. subjects kept
 
 def subjects_of(config: Config, reader) -> list[dict]:
-    """The subjects of every discipline of the taxonomy file, in its order: the discipline's `subject_samples`
-    lists merged and deduplicated by (casefolded) name in sample order, the first `subjects_per_discipline`."""
+    """The subjects of every discipline of the taxonomy file, in its order: the discipline's lists (level by
+    level, `subject_samples` each) merged and deduplicated by (casefolded) name in that order, then the first
+    `subjects_per_discipline` (None: all)."""
     disciplines, _ = read_taxonomy(reader.out)
     samples: dict[tuple, dict] = {}
     for row in reader.rows("subjects"):
-        samples.setdefault((row["field"], row["subfield"], row["discipline"], row["sample"]), row)
+        samples.setdefault((row["field"], row["subfield"], row["discipline"], row["level"], row["sample"]), row)
+    cap = config.subjects_per_discipline
     out: list[dict] = []
     for d in disciplines:
         merged: dict[str, dict] = {}
-        for sample in range(config.subject_samples):
-            row = samples.get((d.field, d.subfield, d.name, sample))
-            for s in (row or {}).get("subjects") or []:
-                if s["name"].casefold() not in merged and len(merged) < config.subjects_per_discipline:
-                    merged[s["name"].casefold()] = {**_discipline_of(d), "subject": s["name"], "level": s["level"],
-                                                    "subtopics": s["subtopics"], "subjects_key": row["key"]}
+        for level in config.levels:
+            for sample in range(config.subject_samples):
+                row = samples.get((d.field, d.subfield, d.name, level, sample))
+                for s in (row or {}).get("subjects") or []:
+                    if s["name"].casefold() not in merged and (cap is None or len(merged) < cap):
+                        merged[s["name"].casefold()] = {**_discipline_of(d), "subject": s["name"], "level": level,
+                                                        "subtopics": s["subtopics"], "subjects_key": row["key"]}
         out.extend(merged.values())
     return out
 
@@ -462,7 +554,8 @@ def final_row(q: dict, a: dict, taxonomy_sha256: str, run_id: str = "") -> dict:
 def _base_row(request: Request, result: Result) -> tuple[dict, str | None]:
     """The request's meta, its seed and the raw output; the reject reason of an invalid output."""
     row = {**request.meta, "key": result.key, "seed": request.seed, "output": result.text,
-           "finish_reason": result.finish_reason, "output_tokens": result.output_tokens}
+           "finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens,
+           "output_tokens": result.output_tokens}
     return row, (None if result.valid else result.reason or "invalid")
 
 
@@ -505,28 +598,55 @@ def question_row(request: Request, result: Result) -> tuple[dict, str | None]:
 
 def answer_row(request: Request, result: Result) -> tuple[dict, str | None]:
     row = {**request.meta, "key": result.key, "answer": result.text.strip(), "seed": request.seed,
-           "finish_reason": result.finish_reason, "output_tokens": result.output_tokens}
+           "finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens,
+           "output_tokens": result.output_tokens}
     if result.finish_reason == "length":
         return row, "truncated"
     if not result.valid:
         return row, result.reason or "invalid"
     if not row["answer"]:
         return row, "empty"
+    if declines(row["answer"]):
+        return row, "declined"
     return row, None
+
+
+# An answer that opens by declining instead of answering ("I don't know", "I'm sorry, but I can't", "As an AI
+# language model ..."). Only the opening is read: a worked answer may quote such words later.
+_DECLINE = re.compile(
+    r"""^\W*(?:
+        i\s*(?:'m|am)\s+(?:sorry|afraid|not\s+(?:sure|able|certain)|unable)
+      | i\s+(?:don'?t|do\s+not|cannot|can'?t|can\s+not)\s+
+            (?:know|answer|help|provide|say|determine|have\s+(?:enough|the|any))
+      | (?:unfortunately|sorry)\b
+      | as\s+an?\s+(?:ai|language\s+model|assistant)\b
+      | (?:there\s+is\s+)?not\s+enough\s+information
+    )""", re.IGNORECASE | re.VERBOSE)
+
+
+def declines(answer: str) -> bool:
+    """Whether an answer declines rather than answers.
+
+    >>> declines("I don't know the answer to that."), declines("As an AI, I cannot ..."), declines("Sorry, no.")
+    (True, True, True)
+    >>> declines("The net force is 12 N. (I don't know of a simpler way.)"), declines("Iron is a metal.")
+    (False, False)
+    """
+    return _DECLINE.match(answer[:300]) is not None
 
 
 def clean_subjects(subjects: list[dict]) -> list[dict]:
     """Whitespace-normalized subjects with usable names and subtopics; a subject with neither is dropped.
 
-    >>> clean_subjects([{"name": " Optics ", "level": "graduate", "subtopics": ["Lenses", "..."]},
-    ...                 {"name": "...", "level": "graduate", "subtopics": ["Waves"]}])
-    [{'name': 'Optics', 'level': 'graduate', 'subtopics': ['Lenses']}]
+    >>> clean_subjects([{"name": " Optics ", "subtopics": ["Lenses", "..."]},
+    ...                 {"name": "...", "subtopics": ["Waves"]}])
+    [{'name': 'Optics', 'subtopics': ['Lenses']}]
     """
     out = []
     for s in subjects:
         name, subtopics = " ".join(s["name"].split()), _unique(s["subtopics"])
         if _is_name(name) and subtopics:
-            out.append({"name": name, "level": s["level"], "subtopics": subtopics})
+            out.append({"name": name, "subtopics": subtopics})
     return out
 
 
@@ -654,106 +774,44 @@ def _write_once(path: Path, text: str) -> None:
 
 # ======================================================================================== concept sampling (questions)
 
-def count_a(sizes: Sequence[int], k_min: int = A_SIZES[0], k_max: int = A_SIZES[1]) -> int:
-    """Strategy A draws: (one session, a set of k_min..k_max of its concepts), for sessions of `sizes` concepts.
-
-    >>> count_a([2, 3])  # (C(2,1)+C(2,2)) + (C(3,1)+C(3,2)+C(3,3))
-    10
-    """
-    return sum(math.comb(n, k) for n in sizes for k in range(k_min, k_max + 1))
-
-
-def _b_pair(a: int, b: int, k: int) -> int:
-    """k-sets of the union of two disjoint sessions of sizes a, b with concepts from both:
-    sum over t=1..k-1 of C(a,t)*C(b,k-t) = C(a+b,k) - C(a,k) - C(b,k) (Vandermonde)."""
-    return math.comb(a + b, k) - math.comb(a, k) - math.comb(b, k)
-
-
-def count_b(sizes: Sequence[int], k_min: int = B_SIZES[0], k_max: int = B_SIZES[1]) -> int:
-    """Strategy B draws: (two sessions, a set of k_min..k_max concepts of their union not all from one session).
-
-    >>> count_b([1, 1])  # only {x, y}
-    1
-    >>> count_b([2, 1])  # {a1,b}, {a2,b}, {a1,a2,b}
-    3
-    """
-    return sum(_b_pair(sizes[i], sizes[j], k) for i in range(len(sizes)) for j in range(i + 1, len(sizes))
-               for k in range(k_min, k_max + 1))
-
-
-def unrank_combination(n: int, k: int, index: int) -> tuple[int, ...]:
-    """The `index`-th k-subset of range(n) in lexicographic order, 0 <= index < C(n, k).
-
-    >>> [unrank_combination(4, 2, i) for i in range(6)]
-    [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
-    """
-    if not 0 <= index < math.comb(n, k):
-        raise ValueError(f"index must be in [0, C({n},{k})={math.comb(n, k)}), got {index}")
-    out: list[int] = []
-    x = 0
-    for slot in range(k):
-        while True:
-            block = math.comb(n - x - 1, k - slot - 1)  # subsets whose next element is x
-            if index < block:
-                out.append(x)
-                x += 1
-                break
-            index -= block
-            x += 1
-    return tuple(out)
-
-
 # A draw: (session indices, concepts as (session index, concept index) pairs), all 0-based.
 Draw = tuple[tuple[int, ...], tuple[tuple[int, int], ...]]
 
 
-def unrank_a(sizes: Sequence[int], index: int, k_min: int = A_SIZES[0], k_max: int = A_SIZES[1]) -> Draw:
-    """The `index`-th strategy-A draw, 0 <= index < count_a(sizes): blocks by (session, k), then lexicographic."""
-    for i, n in enumerate(sizes):
-        for k in range(k_min, k_max + 1):
-            block = math.comb(n, k)
-            if index < block:
-                return (i,), tuple((i, c) for c in unrank_combination(n, k, index))
-            index -= block
-    raise ValueError(f"index out of range for count_a({list(sizes)})")
+def sample_a(sizes: Sequence[int], rng: random.Random, k_range: tuple[int, int] = A_SIZES) -> Draw:
+    """Strategy A, as the paper: one class session (uniform over the sessions that have key concepts), then the
+    number of key concepts (uniform over k_range, capped at the session's count), then which ones (uniform).
 
-
-def unrank_b(sizes: Sequence[int], index: int, k_min: int = B_SIZES[0], k_max: int = B_SIZES[1]) -> Draw:
-    """The `index`-th strategy-B draw, 0 <= index < count_b(sizes): blocks by (session pair i<j, k, t concepts
-    from i), then (t-subset of i, (k-t)-subset of j) in lexicographic order."""
-    for i in range(len(sizes)):
-        for j in range(i + 1, len(sizes)):
-            a, b = sizes[i], sizes[j]
-            for k in range(k_min, k_max + 1):
-                for t in range(1, k):
-                    block = math.comb(a, t) * math.comb(b, k - t)
-                    if index < block:
-                        ra, rb = divmod(index, math.comb(b, k - t))
-                        return (i, j), (tuple((i, c) for c in unrank_combination(a, t, ra))
-                                        + tuple((j, c) for c in unrank_combination(b, k - t, rb)))
-                    index -= block
-    raise ValueError(f"index out of range for count_b({list(sizes)})")
-
-
-def sample_a(sizes: Sequence[int], rng: random.Random) -> Draw:
-    """A strategy-A draw, uniform over all count_a(sizes) of them."""
-    total = count_a(sizes)
-    if total == 0:
+    >>> sample_a([0, 3], random.Random(0))[0]
+    (1,)
+    """
+    taught = [i for i, n in enumerate(sizes) if n > 0]
+    if not taught:
         raise ValueError(f"no strategy-A draw: no session has a key concept (sizes {list(sizes)})")
-    return unrank_a(sizes, rng.randrange(total))
+    i = rng.choice(taught)
+    k = rng.randint(k_range[0], min(k_range[1], sizes[i]))
+    return (i,), tuple((i, c) for c in sorted(rng.sample(range(sizes[i]), k)))
 
 
-def sample_b(sizes: Sequence[int], rng: random.Random) -> Draw:
-    """A strategy-B draw, uniform over all count_b(sizes) of them."""
-    total = count_b(sizes)
-    if total == 0:
+def sample_b(sizes: Sequence[int], rng: random.Random, k_range: tuple[int, int] = B_SIZES) -> Draw:
+    """Strategy B, as the paper: two class sessions (uniform over pairs of sessions that have key concepts), then
+    the number of key concepts (uniform over k_range, capped at the pair's count), then which ones: uniform over
+    the sets of that size that take at least one concept from each session (a question joins the two)."""
+    taught = [i for i, n in enumerate(sizes) if n > 0]
+    if len(taught) < 2:
         raise ValueError(f"no strategy-B draw: fewer than two sessions have key concepts (sizes {list(sizes)})")
-    return unrank_b(sizes, rng.randrange(total))
+    i, j = sorted(rng.sample(taught, 2))
+    union = [(i, c) for c in range(sizes[i])] + [(j, c) for c in range(sizes[j])]
+    k = rng.randint(k_range[0], min(k_range[1], len(union)))
+    while True:  # rejection keeps the draw uniform over the valid sets; most draws are valid at once
+        picked = tuple(sorted(rng.sample(union, k)))
+        if {s for s, _ in picked} == {i, j}:
+            return (i, j), picked
 
 
 def sample_concepts(sizes: Sequence[int], rng: random.Random, two_session_ratio: float) -> tuple[str, Draw]:
-    """(strategy, draw): B with probability `two_session_ratio` when a B draw exists, else A."""
-    if rng.random() < two_session_ratio and count_b(sizes) > 0:
+    """(strategy, draw): B with probability `two_session_ratio` when two sessions have key concepts, else A."""
+    if rng.random() < two_session_ratio and sum(1 for n in sizes if n > 0) >= 2:
         return MULTI, sample_b(sizes, rng)
     return SINGLE, sample_a(sizes, rng)
 
