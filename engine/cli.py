@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--new", action="store_true", help="start a separate run dir instead of resuming OUT")
     gen.add_argument("--commit-rows", type=int, default=1000)
     gen.add_argument("--commit-seconds", type=float, default=30.0)
+    gen.add_argument("--on-bad-line", choices=["error", "reject"], default="error",
+                     help="a prompts file with bad lines: 'error' (default) refuses it, listing every bad line; "
+                          "'reject' runs the good lines and keeps each bad one as a reject with its reason")
+    gen.add_argument("--compile-timeout", type=float, default=None, metavar="S",
+                     help="seconds one distinct schema/regex may take to compile before the engine starts "
+                          "(run config compile_timeout_s, default 30); past it the line is bad")
     _add_replica_args(gen)
 
     run = sub.add_parser("run", help="run a method (TDG, TarGEN, GLAN) from a YAML config")
@@ -120,10 +126,12 @@ def cmd_model(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    """A one-stage pipeline (engine.methods.generate) over the prompts file, launched like `sdg run`."""
+    """A one-stage pipeline (engine.methods.generate) over the prompts file, launched like `sdg run`. Every line
+    is checked first, streaming, before anything is written or any engine starts (_check_grammar_support)."""
     from engine import models
     from engine.config import RunConfig
     from engine.constraints import Constraint
+    from engine.prompts_file import refusal
     from engine.request import Sampling
 
     backend_name = args.backend or "vllm"
@@ -131,31 +139,76 @@ def cmd_generate(args) -> int:
     sampling = Sampling(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p)
     model_id = models.identity(models.prepare(args.model))
     default_schema = Constraint.json_schema(args.schema) if args.schema else None
-    if backend_name == "vllm":  # known-unsupported keywords fail here, before a 70 s engine start
-        _check_grammar_support(args.prompts, grammar, default_schema)
     # Every line's output is published, as asked: no dedup (a prompts file may repeat a prompt on purpose).
     config = RunConfig(method="generate", model=args.model, backend=backend_name, grammar_backend=grammar,
                        seed=args.seed, store={"commit_rows": args.commit_rows, "commit_seconds": args.commit_seconds},
                        quality={"exact_dedup": False, "near_dedup": False},
                        params={"prompts": str(args.prompts.resolve()), "sampling": sampling.model_dump(),
                                "schema": default_schema.spec if default_schema else None,
-                               "meta": {"model": model_id["name"], "backend": backend_name, "grammar_backend": grammar}})
+                               "meta": {"model": model_id["name"], "backend": backend_name, "grammar_backend": grammar},
+                               "on_bad_line": args.on_bad_line},
+                       **({"compile_timeout_s": args.compile_timeout} if args.compile_timeout is not None else {}))
+    bad = _check_grammar_support(args.prompts, config, default_schema, sampling)
+    if bad and args.on_bad_line == "error":
+        raise refusal(args.prompts, bad)
+    # the lines only the model's tokenizer and the grammar backend find bad; the others are found again as read
+    config.params["bad_lines"] = {b.number: b.reason for b in bad if b.code in (
+        "unsupported_schema", "refused_schema", "compile_timeout", "prompt_too_long")}
     return _launch(config, args, stop_after=None)
 
 
-def _check_grammar_support(prompts: Path, grammar: str, default_schema) -> None:
-    """Every line's JSON Schema against the keywords `grammar` cannot enforce: ConstraintError naming the line."""
-    from engine.backends.vllm import unsupported_features
-    from engine.constraints import ConstraintError
-    from engine.prompts_file import line_request, read_lines
-    from engine.request import Sampling
-    for index, line in enumerate(read_lines(prompts)):
-        c = line_request(line, index, prompts, model_name="", defaults=Sampling(), seed=0,
-                         default_schema=default_schema).constraint
-        bad = unsupported_features(c.spec, grammar) if c is not None and c.kind == "json" else []
-        if bad:
-            raise ConstraintError(f"the {grammar} grammar backend cannot enforce {', '.join(bad)} "
-                                  f"(JSON Schema of line {index + 1})")
+def _check_grammar_support(prompts: Path, config, default_schema, sampling) -> list:
+    """Every bad line of the prompts file (engine.prompts_file.check_lines, streaming), before an engine start
+    of 70 s. On vLLM also: JSON Schema keywords the grammar backend cannot enforce; each distinct constraint
+    validated as vLLM validates a request and compiled under `config.compile_timeout_s` in a worker process
+    (engine.validate.ConstraintChecker); each prompt counted with the model's tokenizer against the engine's
+    context (max_model_len)."""
+    from engine import models
+    from engine.prompts_file import check_lines
+    if config.backend != "vllm":
+        return list(check_lines(prompts, default_schema=default_schema, defaults=sampling))
+    from engine.validate import ConstraintChecker
+    model_dir = models.prepare(config.model)
+    checker = ConstraintChecker(model_dir, config.grammar_backend, compact=bool(config.engine.get("compact_json")),
+                                timeout=config.compile_timeout_s)
+    try:
+        return list(check_lines(prompts, default_schema=default_schema, defaults=sampling,
+                                grammar_backend=config.grammar_backend,
+                                compile=lambda c: checker.check(c.kind, c.spec),
+                                too_long=_context_check(model_dir, config)))
+    finally:
+        checker.close()
+
+
+def _context_check(model_dir: Path, config):
+    """line -> None, or why its prompt does not fit the engine's context (as engine.backends.vllm counts it:
+    chat template applied, plus one token of output). The tokenizer is loaded and used only for prompts that
+    might not fit: a token is at least one byte, so a prompt of fewer bytes than the context less a margin for
+    the chat template fits."""
+    import inspect
+
+    from engine.backends.vllm import VllmBackend
+    limit = int(config.engine.get("max_model_len")
+                or inspect.signature(VllmBackend.__init__).parameters["max_model_len"].default)
+    tokenizer = None
+
+    def too_long(line) -> str | None:
+        nonlocal tokenizer
+        texts = [line.prompt] if line.prompt is not None else [m["content"] for m in line.messages]
+        if sum(len(t.encode()) for t in texts) + 64 * len(texts) + 1024 < limit:
+            return None
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+            tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        if line.messages is not None:
+            text = tokenizer.apply_chat_template(list(line.messages), tokenize=False, add_generation_prompt=True)
+            n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        else:
+            n = len(tokenizer(line.prompt)["input_ids"])
+        if n + 1 > limit:
+            return f"{n:,} prompt tokens do not fit the engine's context of {limit:,} (max_model_len)"
+        return None
+    return too_long
 
 
 def cmd_run(args) -> int:

@@ -67,6 +67,16 @@ def seed_of(run_seed: int, stage: str, ident: Any, attempt: int) -> int:
     return int.from_bytes(hashlib.blake2b(blob, digest_size=4).digest(), "little") & 0x7FFFFFFF
 
 
+class RejectItem(Exception):
+    """Raised by a stage's `request` for an item that cannot become a request (`sdg generate --on-bad-line
+    reject`: a bad line of the prompts file). The core commits it as a reject with `reason` ("code: detail")
+    and `row`, keyed by the stage and the item's identity, and never sends anything for it."""
+
+    def __init__(self, reason: str, row: dict) -> None:
+        super().__init__(reason)
+        self.reason, self.row = reason, row
+
+
 def attempt_request(stage: Generate, item: Any, ident: Any, attempt: int, run_seed: int) -> Request:
     """The request of one attempt of one item, as the core sends it: the stage's request with the core's seed,
     keyed by its content and by the item's identity and attempt. (With 31-bit seeds, two items rendering the
@@ -398,7 +408,11 @@ class Executor:
     def _request(self, run: _StageRun, work: _Work) -> Request | None:
         """The request of one attempt, or None when its key is done (a reject: its next attempt is queued)."""
         stage = run.stage
-        request = attempt_request(stage, work.item, work.ident, work.attempt, self.seed)
+        try:
+            request = attempt_request(stage, work.item, work.ident, work.attempt, self.seed)
+        except RejectItem as e:
+            self._reject_item(run, work, e)
+            return None
         if request.key in self._by_key:
             return None  # the same request twice in flight (two equal items)
         state = self.store.key_state(stage.name, request.key)
@@ -411,6 +425,20 @@ class Executor:
         if state == "reject" and work.attempt + 1 < stage.attempts:
             run.sources.appendleft(iter([_Work(work.item, work.ident, work.attempt + 1)]))
         return None
+
+    def _reject_item(self, run: _StageRun, work: _Work, e: RejectItem) -> None:
+        """An item its stage refused to make a request of: one reject (once per run), counted like the others."""
+        key = hashlib.blake2b(repr(("rejected item", run.stage.name, work.ident)).encode(), digest_size=16).hexdigest()
+        if self.store.key_state(run.stage.name, key) is not None:
+            run.stats.skipped += 1
+            return
+        self.store.reject(run.stage.name, {**e.row, "key": key}, e.reason)
+        self.store.record(run.stage.name, generated=1, rejected=1)
+        run.stats.generated += 1
+        run.stats.rejected += 1
+        kind = e.reason.split(":")[0]
+        run.stats.reject_reasons[kind] = run.stats.reject_reasons.get(kind, 0) + 1
+        self.store.maybe_commit()
 
     def _take(self, run: _StageRun, work: _Work, request: Request, result: Result) -> None:
         """A result: parse it, commit the row or the reject, count it, queue children or the next attempt."""
