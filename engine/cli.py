@@ -4,7 +4,8 @@
     sdg generate --prompts FILE.jsonl --out DIR [--schema FILE] [--backend vllm|transformers] [--model PATH] ...
                  [--replicas N [--ray [ADDRESS]]]    (a one-stage pipeline: engine.methods.generate)
     sdg run CONFIG.yaml --out DIR [--new] [--stop-after STAGE] [--replicas N [--ray [ADDRESS]] [--engines-per-gpu K]]
-    sdg export DIR --format jsonl|parquet --to PATH
+    sdg export DIR --format jsonl|parquet|templategsm --to PATH
+    sdg tdg verify TEMPLATES.jsonl  |  sdg tdg instantiate TEMPLATES.jsonl -n N --out DIR
     sdg bench throughput|instantiate|replicas ...
 
 Bad input (config, schema, prompts file, model path) is one line on stderr starting with `error:` and exit
@@ -92,8 +93,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="export a run's dataset")
     export.add_argument("run_dir", type=Path)
-    export.add_argument("--format", required=True, choices=["jsonl", "parquet"])
+    export.add_argument("--format", required=True, choices=["jsonl", "parquet", "templategsm"],
+                        help="jsonl or parquet: one file; templategsm (TDG runs): a folder with "
+                        "templategsm.jsonl and its card")
     export.add_argument("--to", required=True, type=Path)
+
+    tdg = sub.add_parser("tdg", help="TDG templates: verify a templates file, or instantiate it into a run")
+    tdg_sub = tdg.add_subparsers(dest="tdg_command", required=True)
+    verify = tdg_sub.add_parser("verify", help="verify each template of a JSONL file (ours or TemplateMath's "
+                                "legacy Python): one line each; exit 1 if any is rejected")
+    verify.add_argument("templates", type=Path)
+    verify.add_argument("-k", type=int, default=8, help="instances checked per template (default 8)")
+    verify.add_argument("--seed", type=int, default=0)
+    inst = tdg_sub.add_parser("instantiate", help="N verified problems per template into a run directory "
+                              "(resumable; every row checked twice)")
+    inst.add_argument("templates", type=Path)
+    inst.add_argument("-n", type=int, required=True, help="problems per template")
+    inst.add_argument("--out", required=True, type=Path)
+    inst.add_argument("--new", action="store_true", help="start a separate run dir instead of resuming OUT")
+    inst.add_argument("--seed", type=int, default=0)
+    inst.add_argument("-k", type=int, default=8, help="instances checked per template before instantiating")
 
     report = sub.add_parser("report", help="one self-contained HTML page about a run (finished or in progress)")
     report.add_argument("run_dir", type=Path)
@@ -283,9 +302,52 @@ def cmd_validate(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from engine.store import export
-    n = export(args.run_dir, args.format, args.to)
+    if args.format in ("jsonl", "parquet"):
+        from engine.store import export
+        n = export(args.run_dir, args.format, args.to)
+    else:  # a method's own format: the method of the run exports it
+        n = _method_export(args.run_dir, args.format, args.to)
     print(f"exported {n} rows to {args.to}")
+    return 0
+
+
+def _method_export(run_dir: Path, fmt: str, to: Path) -> int:
+    import json
+    from engine import methods
+    from engine.store import StoreError
+    manifest = run_dir / "manifest.json"
+    if not manifest.is_file():
+        raise StoreError(f"{run_dir} is not a run directory (no manifest.json)")
+    method = json.loads(manifest.read_text())["config"]["method"]
+    exports = getattr(methods.load(method), "EXPORTS", {})
+    if fmt not in exports:
+        owners = [name for name in methods.REGISTRY if fmt in getattr(methods.load(name), "EXPORTS", {})]
+        raise StoreError(f"format {fmt} is for runs of {', '.join(owners) or 'no method'}; {run_dir} is a "
+                         f"{method} run")
+    if not list((run_dir / "data").glob("*.parquet")):
+        raise StoreError(f"{run_dir} has no published dataset (data/*.parquet); finish the run first")
+    return exports[fmt](run_dir, to)
+
+
+def cmd_tdg(args) -> int:
+    """`sdg tdg verify FILE` and `sdg tdg instantiate FILE -n N --out OUT` (a TDG run with no model stage)."""
+    from engine.methods.tdg import read_templates, verify_file_templates
+    if args.tdg_command == "verify":
+        verified = verify_file_templates(read_templates(args.templates), k=args.k, seed=args.seed)
+        for number, _raw, fmt, v in verified:
+            verdict = "accepted" if v.accepted else f"rejected {v.reason}: {' '.join(str(v.details).split())}"
+            print(f"line {number}\t{v.template_id}\t{fmt}\t{verdict}")
+        rejected = sum(not v.accepted for *_, v in verified)
+        print(f"{len(verified) - rejected} accepted, {rejected} rejected", file=sys.stderr)
+        return 1 if rejected else 0
+    from engine.config import RunConfig
+    from engine.pipeline.run import run_method
+    config = RunConfig(method="tdg", seed=args.seed,
+                       params={"templates_file": str(args.templates.resolve()), "problems_per_template": args.n,
+                               "verify_instances": args.k, "seed": args.seed, "topics": [],
+                               "templates_per_topic": 0, "use_seed_templates": False})
+    out, manifest, stats = run_method(config, args.out, new=args.new)
+    _summary(out, manifest, stats)
     return 0
 
 
@@ -311,6 +373,11 @@ def _summary(out: Path, manifest: dict | None, stats) -> None:
         return
     rows = ((manifest or {}).get("dataset") or {}).get("num_rows")
     print(f"dataset: {out}/data  ({rows if rows is not None else '?'} rows; card {out}/README.md)")
+    for name, stage in (manifest.get("stages") or {}).items():  # acceptance of every stage that rejected some
+        if stage.get("rejects"):
+            reasons = sorted(stage.get("rejects_by_reason", {}).items(), key=lambda kv: -kv[1])
+            shown = ", ".join(f"{reason} {n}" for reason, n in reasons[:4]) + (", ..." if len(reasons) > 4 else "")
+            print(f"  {name}: {stage.get('rows', 0)} accepted, {stage['rejects']} rejected ({shown})")
     if stats is not None and getattr(stats, "generated", 0):
         print(f"generated {stats.generated} outputs, {stats.output_tokens} output tokens in {stats.seconds:.1f}s: "
               f"{stats.output_tokens_per_s:,.0f} output tok/s")
@@ -341,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         _quiet()
     handlers = {"model": cmd_model, "generate": cmd_generate, "run": cmd_run, "export": cmd_export,
-                "bench": cmd_bench, "bundle": cmd_bundle,
+                "bench": cmd_bench, "bundle": cmd_bundle, "tdg": cmd_tdg,
                 "report": cmd_report, "validate": cmd_validate}
     try:
         return handlers[args.command](args)

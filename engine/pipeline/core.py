@@ -152,6 +152,11 @@ class Reader:
         """Every committed row of `stage` (every writer's), one per key, sorted by key."""
         return self._store.rows(stage)
 
+    def iter_rows(self, stage: str) -> Iterator[dict]:
+        """Every committed row of `stage`, lazily, a shard at a time (a key committed by two writers comes
+        twice): for figures over a stage too large to hold."""
+        return self._store.iter_rows(stage)
+
     def survivors(self, rows: list[dict], text_fields: list[str]) -> list[dict]:
         """`rows` minus what publishing's quality filters (dedup, decontamination) would remove, in the order
         given: a method counting toward a target counts only rows that will be published."""

@@ -112,8 +112,10 @@ def run_method(config: RunConfig, out: Path, *, new: bool = False, stop_after: s
 
     params = method_config(config)
     check_stop_after(config, stop_after)
-    # Methods publish deduplicated rows by default; `quality: {exact_dedup: false, ...}` turns filters off.
-    quality = QualityConfig.model_validate(config.quality or {})
+    # Methods publish deduplicated rows by default; a method's QUALITY_DEFAULTS (TDG: no near-dedup) and then
+    # the config's `quality: {exact_dedup: false, ...}` override that.
+    defaults = getattr(methods.load(config.method), "QUALITY_DEFAULTS", {})
+    quality = QualityConfig.model_validate({**defaults, **(config.quality or {})})
     quality.check_files()
     model_dir = models.prepare(config.model)
     model_id = models.identity(model_dir)

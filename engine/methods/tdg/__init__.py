@@ -24,6 +24,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from engine.config import ConfigError
 from engine.constraints import Constraint
 from engine.jsonl import read_objects
 from engine.methods import Context
@@ -49,8 +50,14 @@ class Config(BaseModel):
     """Use at most this many example problems (the first ones)."""
     templates_per_topic: int = Field(2, ge=0, le=1000)
     """Template-writing requests per topic and per example problem (distinct seeds)."""
-    problems_per_template: int = Field(100, ge=1, le=10_000_000)
-    """Problems instantiated from each accepted template."""
+    problems_per_template: int = Field(1000, ge=1, le=10_000_000)
+    """Problems published from each accepted template (the paper's 1,000): instances with no valid draw or
+    whose code disagrees are replaced by further problem ids, so only exact duplicates (removed and counted
+    when publishing) can leave a template short."""
+    templates_file: Path | None = None
+    """A JSONL of templates to verify and instantiate like the model's: ours (the meta-template JSON) or
+    TemplateMath's legacy Python templates (a `template` field defining generate_problem_and_solution_code(),
+    run only in the sandbox). Relative paths are resolved against the config file's folder."""
     verify_instances: int = Field(8, ge=1, le=1000)
     """K: instances each template is verified on (exact answer, type, sandboxed solution_code)."""
     seed: int = 0
@@ -69,6 +76,13 @@ class Config(BaseModel):
     solution_code is run in the sandbox (batched) and must give the same answer; a row that disagrees is a
     reject ('row_code_mismatch')."""
 
+    @field_validator("templates_file")
+    @classmethod
+    def _templates_file(cls, v: Path | None) -> Path | None:
+        if v is not None:
+            read_templates(v)  # every bad line named now, before anything runs
+        return v
+
     @field_validator("topics")
     @classmethod
     def _topics(cls, v: list[str]) -> list[str]:
@@ -79,14 +93,19 @@ class Config(BaseModel):
 
 
 # Hashed into the run's identity by content, not path (engine.config.file_identity).
-FILE_PARAMS = ("examples_file",)
+FILE_PARAMS = ("examples_file", "templates_file")
+
+# TDG's instances of one template share most of their words: near-dedup would cut templates below their count.
+# Exact duplicates are still removed (and counted in the manifest).
+QUALITY_DEFAULTS = {"near_dedup": False}
 
 
 def resolve_paths(params: dict, base: Path) -> dict:
-    """examples_file relative to the config file's folder."""
+    """examples_file and templates_file relative to the config file's folder."""
     p = dict(params)
-    if p.get("examples_file") and not Path(p["examples_file"]).is_absolute():
-        p["examples_file"] = str(base / p["examples_file"])
+    for name in FILE_PARAMS:
+        if p.get(name) and not Path(p[name]).is_absolute():
+            p[name] = str(base / p[name])
     return p
 
 
@@ -171,18 +190,132 @@ def template_spec(row: dict) -> TemplateSpec:
 def problem_rows(config: Config):
     """template row -> its `problems_per_template` problem rows, each checked twice: the exact answer of the
     compiled template, and its own solution_code run in the sandbox (batched), which must agree; a row that
-    disagrees is a reject ('row_code_mismatch')."""
+    disagrees is a reject ('row_code_mismatch'). Problem ids past the count replace instances with no valid
+    draw and rejects (at most twice the count plus 100 ids are tried). Each row says where its template's idea
+    came from (`origin`) and, as `repeat_of`, the earlier problem id of its template with the same variable
+    values (-1: none), for the repeat rate."""
     def rows(template: dict):
-        batch: list[dict] = []
-        for row in instantiate([template_spec(template)], n_per_template=config.problems_per_template,
-                               seed=config.seed, workers=1):
-            key = stable_hash(["tdg-problem", config.seed, row["template_id"], row["problem_id"]])
-            batch.append({"key": key, **row})
-            if len(batch) >= ROW_BATCH:
-                yield from checked_rows(config, batch)
-                batch = []
-        yield from checked_rows(config, batch)
+        if template.get("format") == "legacy":
+            yield from legacy_problem_rows(config, template)
+            return
+        want, accepted, next_id = config.problems_per_template, 0, 0
+        limit = 2 * want + 100
+        seen: dict[str, int] = {}
+        origin = origin_of(template)
+        while accepted < want and next_id < limit:
+            count = min(want - accepted, limit - next_id)  # ids next_id .. next_id + count - 1
+            batch: list[dict] = []
+            for row in instantiate([template_spec(template)], n_per_template=count, first=next_id,
+                                   seed=config.seed, workers=1):
+                key = stable_hash(["tdg-problem", config.seed, row["template_id"], row["problem_id"]])
+                repeat_of = seen.setdefault(row["variables"], row["problem_id"])
+                batch.append({"key": key, **row, "origin": origin,
+                              "repeat_of": -1 if repeat_of == row["problem_id"] else repeat_of})
+                if len(batch) >= ROW_BATCH:
+                    for checked in checked_rows(config, batch):
+                        accepted += checked[1] is None
+                        yield checked
+                    batch = []
+            for checked in checked_rows(config, batch):
+                accepted += checked[1] is None
+                yield checked
+            next_id += count
     return rows
+
+
+def origin_of(template: dict) -> str:
+    """Where a template's idea came from: the example problem it was written from, its topic, our seed library,
+    or the file (and line) it was read from."""
+    if template.get("origin"):
+        return template["origin"]
+    if template.get("example_id"):
+        return f"GSM8K {template['example_id']}"
+    if template.get("topic"):
+        return f"topic: {template['topic']}"
+    return f"sdg seed library: {template.get('skill') or '?'}"
+
+
+def legacy_problem_rows(config: Config, template: dict):
+    """A TemplateMath legacy template's problems, generated and re-checked in the sandbox (legacy.py)."""
+    from engine.methods.tdg.legacy import instantiate_legacy
+    raw = json.loads(template["template"])
+    for row in instantiate_legacy(raw, config.problems_per_template, seed=config.seed,
+                                  template_id=template["template_id"]):
+        key = stable_hash(["tdg-problem", config.seed, template["template_id"], row["problem_id"]])
+        yield {"key": key, **row, "template_id": template["template_id"], "source": "file", "format": "legacy",
+               "origin": origin_of(template)}, None
+
+
+def problem_figures(config: Config):
+    """reader -> the problems stage's figures: rows, templates, templates short of their count, and the repeat
+    rate (instances whose variable values an earlier instance of their template already had)."""
+    def figures(reader) -> dict:
+        per_template: dict[str, int] = {}
+        repeats = 0
+        for row in reader.iter_rows("problems"):
+            per_template[row["template_id"]] = per_template.get(row["template_id"], 0) + 1
+            repeats += row.get("repeat_of", -1) >= 0
+        rows = sum(per_template.values())
+        return {"instances": rows, "instance_templates": len(per_template),
+                "templates_short": sum(n < config.problems_per_template for n in per_template.values()),
+                "repeat_rate": round(repeats / rows, 4) if rows else 0.0}
+    return figures
+
+
+# -- templates from a file (`templates_file`: ours or TemplateMath's legacy Python) ------------------------------
+class TemplatesFileError(ConfigError):
+    """A templates file that cannot be read; the message lists every bad line."""
+
+
+def read_templates(path: Path) -> list[tuple[int, dict]]:
+    """(line number, template) for each line of a JSONL templates file: our meta-template JSON or a legacy
+    template (a `template` field of Python); TemplatesFileError listing every line that is neither."""
+    from engine.methods.tdg.legacy import is_legacy
+    if not path.is_file():
+        raise TemplatesFileError(f"templates file not found: {path}")
+    out, bad = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as e:
+            bad.append(f"line {number}: not JSON ({e.msg})")
+            continue
+        if not isinstance(raw, dict) or not (is_legacy(raw) or {"variables", "problem", "answer"} <= set(raw)):
+            bad.append(f"line {number}: neither a template (variables, problem, steps, answer) nor a legacy "
+                       "template (a 'template' field defining generate_problem_and_solution_code)")
+            continue
+        out.append((number, raw))
+    if bad:
+        raise TemplatesFileError(f"{path}: {len(bad)} bad line{'s' * (len(bad) != 1)}: " + "; ".join(bad))
+    if not out:
+        raise TemplatesFileError(f"templates file is empty: {path}")
+    return out
+
+
+def verify_file_templates(entries: list[tuple[int, dict]], *, k: int, seed: int, sandbox: bool = True):
+    """(line number, raw, format, Verdict) per template, in file order: ours verified as the model's are,
+    legacy ones by legacy.verify_legacy (sandbox only)."""
+    from engine.methods.tdg.legacy import is_legacy, verify_legacy
+    legacy = [(n, raw) for n, raw in entries if is_legacy(raw)]
+    native = [(n, raw) for n, raw in entries if not is_legacy(raw)]
+    verdicts = dict(zip((n for n, _ in native), verify_templates([raw for _, raw in native], k=k, seed=seed,
+                                                                   sandbox=sandbox, source="file")))
+    verdicts.update(zip((n for n, _ in legacy), verify_legacy([raw for _, raw in legacy], k=k, seed=seed)))
+    return [(n, raw, "legacy" if is_legacy(raw) else "native", verdicts[n]) for n, raw in entries]
+
+
+def file_template_rows(config: Config):
+    """The templates file, verified -> (row, reason) pairs (rejects keep their reason)."""
+    path = config.templates_file
+    verified = verify_file_templates(read_templates(path), k=config.verify_instances, seed=config.seed,
+                                     sandbox=config.sandbox)
+    for number, raw, fmt, v in verified:
+        origin = raw.get("source") if isinstance(raw.get("source"), str) else f"{path.name} line {number}"
+        row = {**v.to_row(), "key": stable_hash(["tdg-file-template", raw]), "topic": None, "example_id": None,
+               "format": fmt, "origin": origin, "line": number}
+        yield row, (None if v.accepted else v.reason)
 
 
 def checked_rows(config: Config, rows: list[dict]):
@@ -206,6 +339,19 @@ def pipeline(config: Config, ctx: Context) -> Pipeline:
             Compute("seed_templates", rows=lambda: seed_template_rows(config) if config.use_seed_templates else ()),
             Generate("templates", items=lambda: template_tasks(config), request=template_request(config, ctx.model_name),
                      parse=template_row(config)),
-            Compute("problems", reads=Each("seed_templates", "templates"), rows=problem_rows(config)),
+            Compute("file_templates",
+                    rows=lambda: file_template_rows(config) if config.templates_file is not None else ()),
+            Compute("problems", reads=Each("seed_templates", "templates", "file_templates"),
+                    rows=problem_rows(config), figures=problem_figures(config)),
         ],
         publish=Publish("problems", text_fields=["problem", "solution_wocode"]))
+
+
+def export_templategsm(out: Path, to: Path) -> int:
+    """`sdg export RUN --format templategsm`: see templategsm.py."""
+    from engine.methods.tdg.templategsm import export
+    return export(out, to)
+
+
+EXPORTS = {"templategsm": export_templategsm}
+"""Export formats of this method's runs (`sdg export RUN --format NAME --to DIR`)."""

@@ -128,11 +128,15 @@ class Template(_Strict):
 
 @lru_cache(maxsize=None)
 def word_lists() -> dict[str, tuple[str, ...]]:
-    """{list name: words} from data/tdg/words/*.txt (one word or phrase a line, '#' comments)."""
+    """{list name: words} from data/tdg/words/*.txt (one word or phrase a line, '#' comments); `names` also
+    holds Faker's en_US first names (about 700: with our 40 alone, 1,000 instances of a one-name template
+    repeat names constantly). Faker's lists are static data in the package, so the draws stay reproducible."""
     out = {}
     for path in sorted((DATA_DIR / "words").glob("*.txt")):
         words = tuple(w.strip() for w in path.read_text().splitlines() if w.strip() and not w.startswith("#"))
         out[path.stem] = words
+    from faker.providers.person.en_US import Provider as Person
+    out["names"] = tuple(dict.fromkeys(out.get("names", ()) + tuple(Person.first_names)))
     return out
 
 
