@@ -146,20 +146,25 @@ def check_line(number: int, line: PromptLine | BadLine, path: Path, *, default_s
     """What is wrong with one line on its own (no model needed), or None: it parsed, its sampling overrides
     hold (against `defaults`), its constraint builds (a schema that loads and is a valid JSON Schema, a regex
     that compiles) and, with `grammar_backend`, uses no keyword that backend cannot enforce."""
+    return _check(number, line, path, default_schema, defaults, grammar_backend)[0]
+
+
+def _check(number: int, line: PromptLine | BadLine, path: Path, default_schema: Constraint | None,
+           defaults: Sampling | None, grammar_backend: str | None) -> tuple[BadLine | None, Constraint | None]:
     from engine.backends.vllm import unsupported_features
     if isinstance(line, BadLine):
-        return line
+        return line, None
     extra = {k: v for k, v in (line.model_extra or {}).items() if k != "key"} or None
     try:
         constraint, _ = _parts(line, path.parent, default_schema, defaults or Sampling())
     except _LineError as e:
-        return BadLine(number, e.field, e.code, e.detail, extra)
+        return BadLine(number, e.field, e.code, e.detail, extra), None
     if constraint is not None and constraint.kind == "json" and grammar_backend is not None:
         bad = unsupported_features(constraint.spec, grammar_backend)
         if bad:
             return BadLine(number, _constraint_field(line), "unsupported_schema",
-                           f"the {grammar_backend} grammar backend cannot enforce {', '.join(bad)}", extra)
-    return None
+                           f"the {grammar_backend} grammar backend cannot enforce {', '.join(bad)}", extra), None
+    return None, constraint
 
 
 def check_lines(path: Path, *, default_schema: Constraint | None = None, defaults: Sampling | None = None,
@@ -175,13 +180,11 @@ def check_lines(path: Path, *, default_schema: Constraint | None = None, default
     seen = 0
     for number, line in iter_lines(path):
         seen += 1
-        bad = check_line(number, line, path, default_schema=default_schema, defaults=defaults,
-                         grammar_backend=grammar_backend)
+        bad, constraint = _check(number, line, path, default_schema, defaults, grammar_backend)
         if bad is not None:
             yield bad
             continue
         extra = {k: v for k, v in (line.model_extra or {}).items() if k != "key"} or None
-        constraint = _constraint(line, path.parent, default_schema)
         if constraint is not None and compile is not None:
             ident = json.dumps(constraint.identity(), sort_keys=True)
             if ident not in verdicts:

@@ -611,6 +611,8 @@ def _serve(conn, model_dir: str, grammar_backend: str, compact: bool, vllm_check
     import warnings
     warnings.simplefilter("ignore")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if os.environ.get("SDG_QUIET"):  # `sdg` without -v: no library logs (xgrammar's C++ warnings); verdicts come
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)  # back through the pipe
     try:
         compile_one = _compiler(model_dir, grammar_backend, compact)
         if vllm_checks:

@@ -1,0 +1,152 @@
+"""`sdg generate` and bad lines at scale (issue #18): every bad line of a prompts file listed in one error, or,
+with `--on-bad-line reject`, each kept as a reject with its reason while the good lines run; every distinct
+constraint compiled under a time limit before the engine starts; a complete run resumed without an engine.
+Real vLLM and the embedded model where an engine runs; the grammar libraries and the model's tokenizer always."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import sdg
+
+REFUSED = {"type": "string", "minLength": 5, "maxLength": 2}
+"""A valid JSON Schema, without keywords the grammar backends cannot enforce, that vLLM refuses (unsatisfiable)."""
+
+LINES = [
+    {"id": "good-1", "prompt": "Say hi:"},
+    "{not json",                                                                                 # invalid JSON
+    {"id": "bad-schema", "prompt": "x", "schema": {"type": "object", "properties": {"a": {"type": 5}}}},
+    {"id": "good-2", "prompt": "Yes or no?", "choices": ["yes", "no"]},
+    {"id": "unsupported", "prompt": "x", "schema": {"type": "array", "uniqueItems": True}},      # guidance: no
+    {"id": "refused", "prompt": "x", "schema": REFUSED},                                         # vLLM: no
+    {"id": "too-long", "prompt": "word " * 5000},                                                # > 4,096 tokens
+    {"id": "good-3", "prompt": "A year:", "regex": "(19|20)[0-9]{2}"},
+]
+BAD = {2: "malformed_json", 3: "bad_constraint", 5: "unsupported_schema", 6: "refused_schema", 7: "prompt_too_long"}
+
+
+def _write(path: Path, lines: list) -> Path:
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    return path
+
+
+def nested_one_of(depth: int) -> dict:
+    """xgrammar's compile time grows super-exponentially with oneOf nesting (vllm issue #54003); depth 8 takes
+    about 10 s on this 2-core machine, idle (tests/test_validate.py)."""
+    schema: dict = {"type": "string"}
+    for _ in range(depth):
+        schema = {"oneOf": [{"type": "object", "properties": {"a": schema, "b": {"type": "integer"}},
+                             "required": ["a"]}, {"type": "array", "items": schema}, schema]}
+    return schema
+
+
+def test_every_bad_line_is_listed_in_one_error_and_nothing_is_written(tmp_path):
+    """The five kinds of bad line, each named with its line number, field and reason, in one error; exit 2."""
+    prompts, out = _write(tmp_path / "p.jsonl", LINES), tmp_path / "out"
+    proc = sdg("generate", "--prompts", str(prompts), "--out", str(out), "--max-tokens", "8")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "5 bad lines" in errors[0] and "--on-bad-line reject" in errors[0], proc.stderr
+    listed = [line.strip() for line in proc.stderr.splitlines() if line.startswith("  line ")]
+    assert [int(line.split()[1].rstrip(":")) for line in listed] == sorted(BAD), listed
+    for line, (number, code) in zip(listed, sorted(BAD.items())):
+        assert line.endswith(f"[{code}]"), line
+    assert "schema: malformed JSON Schema" in listed[1]
+    assert "schema: the guidance grammar backend cannot enforce /uniqueItems" in listed[2]
+    assert "schema: vLLM refuses it" in listed[3] and "minLength" in listed[3]
+    assert "prompt: 5,001 prompt tokens do not fit the engine's context of 4,096" in listed[4]
+    assert not out.exists()
+
+
+def test_reject_runs_the_good_lines_and_a_complete_rerun_starts_no_engine(tmp_path):
+    """--on-bad-line reject: the five bad lines are rejects with their reason codes, counted in the manifest,
+    and the three good lines are generated, in one real vLLM run. Then the same command again: everything is
+    committed, so it loads no model (no engine line, far less than an engine start) and exits 0."""
+    prompts, out = _write(tmp_path / "p.jsonl", LINES), tmp_path / "out"
+    args = ("generate", "--prompts", str(prompts), "--out", str(out), "--max-tokens", "8", "--on-bad-line", "reject")
+    first = sdg(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "engine main:" in first.stderr
+    from engine.store import RunStore
+    store = RunStore.open(out, json.loads((out / "config.json").read_text())["config"])
+    rejects = store.rejects("generate")
+    bad = {r["row"]["line"]: r for r in rejects if "line" in r["row"]}
+    assert {n: r["reason"].split(":")[0] for n, r in bad.items()} == BAD
+    assert bad[6]["row"]["id"] == "refused" and "minLength" in bad[6]["row"]["error"]
+    generated = {r["id"] for r in store.rows("generate")} | {r["row"].get("id") for r in rejects if "line" not in r["row"]}
+    assert generated == {"good-1", "good-2", "good-3"}  # a good line may be a reject too (tiny model, 8 tokens)
+    manifest = json.loads((out / "manifest.json").read_text())["stages"]["generate"]
+    for code in BAD.values():
+        assert manifest["rejects_by_reason"][code] == 1, manifest["rejects_by_reason"]
+    assert manifest["rows"] + manifest["rejects"] == len(LINES)
+    store.close()
+
+    started = time.perf_counter()
+    again = sdg(*args)
+    seconds = time.perf_counter() - started
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "engine main:" not in again.stderr and "generated" not in again.stdout, again.stderr[-2000:]
+    assert seconds < 45, seconds  # an engine start alone takes about 70 s here
+    assert json.loads((out / "manifest.json").read_text())["stages"]["generate"]["rejects"] == manifest["rejects"]
+
+
+def test_vllm_itself_refuses_the_refused_schema(vllm_backend):
+    """The schema the preflight calls refused is refused by the real engine too (its own request check)."""
+    from engine.constraints import Constraint, ConstraintError
+    from engine.request import Request, Sampling
+    request = Request.build(stage="s", model="m", prompt="x", constraint=Constraint.json_schema(REFUSED),
+                            sampling=Sampling(max_tokens=4), seed=0)
+    with pytest.raises(ConstraintError, match="minLength"):
+        vllm_backend.preflight([request])
+
+
+def test_a_pathological_schema_ends_in_a_clear_error_within_the_limit(tmp_path):
+    """--compile-timeout 2 with xgrammar: nested oneOf compiles for about 10 s; the preflight's worker is
+    killed at 2 s and the line is named, before any engine starts. (The default grammar backend, guidance,
+    bounds its own work: no schema tried stalled it; it refuses too-large schemas in milliseconds.)"""
+    prompts = _write(tmp_path / "p.jsonl", [{"prompt": "ok", "regex": "[a-z]+"},
+                                            {"id": "slow", "prompt": "x", "schema": nested_one_of(8)}])
+    out = tmp_path / "out"
+    proc = sdg("generate", "--prompts", str(prompts), "--out", str(out), "--grammar-backend", "xgrammar",
+               "--compile-timeout", "2")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1, proc.stderr
+    assert f"{prompts}:2: schema: did not compile within 2 s with xgrammar" in errors[0]
+    assert not out.exists()
+
+
+def test_the_compile_limit_holds(model_dir):
+    """The checker behind the preflight answers within the limit (plus the kill), whatever the compile would take,
+    and compiles the next constraint in a fresh worker. Timed apart from the worker's start-up (vLLM imported),
+    which a loaded machine stretches."""
+    from engine.validate import ConstraintChecker
+    checker = ConstraintChecker(model_dir, "xgrammar", timeout=2)
+    try:
+        assert checker.check("regex", "[a-z]+") is None  # the worker is up
+        started = time.perf_counter()
+        verdict = checker.check("json", nested_one_of(8))
+        seconds = time.perf_counter() - started
+        assert verdict is not None and verdict[0] == "compile_timeout", verdict
+        assert seconds < 2 + 3, seconds
+        assert checker.check("json", REFUSED)[0] == "refused_schema"
+    finally:
+        checker.close()
+
+
+def test_the_prompts_file_is_streamed(tmp_path, monkeypatch):
+    """The method's items read the file lazily: one line parsed per item taken, never the whole file first."""
+    from engine import prompts_file
+    from engine.methods import Context
+    from engine.methods.generate import Config, pipeline
+    prompts = _write(tmp_path / "p.jsonl", [{"prompt": f"p{i}"} for i in range(1000)])
+    items = pipeline(Config(prompts=prompts), Context(out=tmp_path)).stages[0].items()
+    parsed = []
+    parse = prompts_file.parse_line
+    monkeypatch.setattr(prompts_file, "parse_line", lambda number, text: parsed.append(number) or parse(number, text))
+    index, number, line = next(items)
+    assert (index, number, line.prompt) == (0, 1, "p0") and parsed == [1]
+    assert sum(1 for _ in items) == 999 and len(parsed) == 1000
