@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from engine.backends.base import DEFAULT_GRAMMAR_BACKEND
+from engine.request import Sampling
 
 
 class ConfigError(ValueError):
@@ -68,6 +69,40 @@ class ParallelSettings(BaseModel):
         return self
 
 
+class JudgeSettings(BaseModel):
+    """An optional last stage (engine.pipeline.run.add_judge): a local model scores each row the method publishes
+    on a rubric, its answer constrained to one of "1".."scale"; a row scoring below `threshold` is a reject
+    (`judge_below_threshold`), the others are published with their score as a column."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    """A local HF folder or .gguf file; None (or the run's own model): the run's engine judges. Another model is
+    a second engine of the same backend and settings, started when the first row is judged."""
+    rubric: str | None = None
+    """What a good row is, in words; None: the prompt's own rubric (prompts/judge/score.jinja)."""
+    prompt: str = "judge/score.jinja"
+    """The judge's prompt, a template under prompts/ (variables: rubric, fields, scale)."""
+    scale: int = Field(5, ge=2, le=10)
+    """Scores are 1..scale."""
+    threshold: int = Field(3, ge=1)
+    """Rows scoring below it are rejects; 1 keeps every row, scale + 1 rejects every row."""
+    fields: list[str] | None = None
+    """The row fields the judge reads; None: the published text fields."""
+    column: str = Field("judge_score", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    """The published column holding the score."""
+    sampling: Sampling = Field(default_factory=lambda: Sampling(max_tokens=2, temperature=0.0))
+    """The judge's sampling: greedy by default."""
+
+    @model_validator(mode="after")
+    def _in_range(self) -> "JudgeSettings":
+        if self.threshold > self.scale + 1:
+            raise ValueError(f"threshold must be in [1, scale + 1] = [1, {self.scale + 1}], got {self.threshold}")
+        from engine.prompting import PROMPTS_DIR
+        if not (PROMPTS_DIR / self.prompt).is_file():
+            raise ValueError(f"judge prompt {self.prompt!r} is not a file under {PROMPTS_DIR}")
+        return self
+
+
 class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -88,7 +123,10 @@ class RunConfig(BaseModel):
     parallel: ParallelSettings = Field(default_factory=ParallelSettings)
     """Replicas, engines per GPU, tensor parallelism, Ray (docs/scale-out.md); not hashed into the run."""
     quality: dict[str, Any] | None = None
-    """Dedup / decontamination / diversity settings for the published rows (engine.quality.QualityConfig)."""
+    """Dedup / decontamination / diversity settings for the published rows, and the quality gates' switches and
+    thresholds (engine.quality.QualityConfig)."""
+    judge: JudgeSettings | None = None
+    """An optional judge stage scoring every published row (JudgeSettings); None: no judge."""
     params: dict[str, Any] = Field(default_factory=dict)
     """The method's own settings, validated by its Config."""
     _source: Path | None = PrivateAttr(None)

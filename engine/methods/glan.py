@@ -63,6 +63,7 @@ from engine.methods import Context
 from engine.pipeline.stages import Compute, Each, Generate, Pipeline, Publish, Whole
 from engine.plan import StageEstimate
 from engine.prompting import render
+from engine.quality import gates
 from engine.request import Request, Result, Sampling, stable_hash
 
 GRAMMARS = Path(__file__).resolve().parents[2] / "grammars" / "glan"
@@ -292,9 +293,9 @@ def pipeline(config: Config, ctx: Context) -> Pipeline:
         # 4-5. questions over the whole pool of syllabi, in rounds; each accepted question's answer
         Generate("questions", reads=Whole("syllabus", "questions", "answers"), rounds=config.max_rounds,
                  items=qa.questions, ident=lambda item: [item[0], item[1]["syllabus_key"]],
-                 request=partial(question_request, config, ctx), parse=question_row),
+                 request=partial(question_request, config, ctx), parse=question_row, gates=QUESTION_GATES),
         Generate("answers", reads=Each("questions"), items=lambda question: [question],
-                 request=partial(answer_request, config, answer_model), parse=answer_row,
+                 request=partial(answer_request, config, answer_model), parse=answer_row, gates=ANSWER_GATES,
                  engine="answer" if answer_dir is not None else "main"),
         # 6. the first num_rows publishable pairs
         Compute("rows", reads=Whole("questions", "answers"), rows=qa.rows),
@@ -588,11 +589,21 @@ def syllabus_row(request: Request, result: Result) -> tuple[dict, str | None]:
     return {**row, "sessions": sessions}, None
 
 
+QUESTION_GATES = ("too_short", "no_content_words", "echoes_prompt", "not_a_question")
+ANSWER_GATES = ("declined", "repeats_question")
+
+
 def question_row(request: Request, result: Result) -> tuple[dict, str | None]:
+    """A question passes the gates QUESTION_GATES (engine.quality.gates.question_problem): at least 20
+    characters and 3 content words beyond the course's names (field ... level), does not copy its prompt, and
+    reads as a question or a task ("A: 3: Physics: Science & Engineering" is `no_content_words`)."""
     row, reason = _base_row(request, result)
     question = " ".join(result.parsed["question"].split()) if reason is None else None
     if reason is None and len(question) < 20:
         reason = "too_short"
+    if reason is None:
+        labels = [str(request.meta.get(k) or "") for k in ("field", "subfield", "discipline", "subject", "level")]
+        reason = gates.question_problem(question, request.messages[-1]["content"], labels)
     return {**row, "question": question}, reason
 
 
@@ -608,7 +619,7 @@ def answer_row(request: Request, result: Result) -> tuple[dict, str | None]:
         return row, "empty"
     if declines(row["answer"]):
         return row, "declined"
-    return row, None
+    return row, gates.answer_repeats(row["answer"], request.messages[-1]["content"])  # the question, as asked
 
 
 # An answer that opens by declining instead of answering ("I don't know", "I'm sorry, but I can't", "As an AI

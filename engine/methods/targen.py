@@ -56,6 +56,7 @@ from engine.constraints import Constraint, ConstraintError
 from engine.methods import Context, MethodError
 from engine.pipeline.stages import Compute, Each, Generate, Pipeline, Publish, Whole
 from engine.prompting import render
+from engine.quality import gates
 from engine.request import Request, Result, Sampling, stable_hash
 
 log = logging.getLogger(__name__)
@@ -386,7 +387,8 @@ def pipeline(config: Config, ctx: Context) -> Pipeline:
                      constraints=(seeds_schema,)),
             Generate("instances", reads=Whole("seeds", "instances", "corrections"), rounds=config.max_rounds,
                      items=instance_items, ident=lambda item: [item["label"], item["attempt"]],
-                     request=instance_request, parse=instance_row(spec), constraints=(spec.constraint(),)),
+                     request=instance_request, parse=instance_row(spec), constraints=(spec.constraint(),),
+                     gates=("choices_not_distinct",) if choice_groups(spec) else ()),
             Generate("corrections", reads=Each("instances"), items=lambda instance: [instance],
                      request=correction_request, parse=correction_row, constraints=(label_schema,)),
             Compute("dataset", reads=Whole("instances", "corrections"), rows=dataset_rows, figures=rounds.figures),
@@ -520,12 +522,34 @@ def seed_row(request: Request, result: Result) -> tuple[dict, str | None]:
     return row, _invalid(result)
 
 
+_CHOICE = re.compile(r"^(?:choice|option|alternative|answer)_?(?:\d+|[a-e])$", re.IGNORECASE)
+
+
+def choice_groups(spec: TaskSpec) -> list[list[str]]:
+    """Fields that must differ for the `choices_not_distinct` gate: the spec's `distinct` groups (COPA: premise,
+    choice1, choice2), and the multiple-choice fields by name (choice1, option_b, answer_c, ...) if no group
+    already holds them all."""
+    groups = [list(g) for g in spec.distinct]
+    named = [f for f, schema in spec.fields.items() if _CHOICE.match(f) and schema.get("type") == "string"]
+    if len(named) > 1 and not any(set(named) <= set(g) for g in groups):
+        groups.append(named)
+    return groups
+
+
 def instance_row(spec: TaskSpec):
+    """Parse an instance: a reject when invalid, when two choices (or a choice and the premise) are equal once
+    normalized (gate `choices_not_distinct`, engine.quality.gates.not_distinct), or when it breaks the spec's
+    other checks ("check: ...")."""
+    groups = choice_groups(spec)
+
     def to_row(request: Request, result: Result) -> tuple[dict, str | None]:
         row = {**request.meta, "key": result.key, "sampling_seed": request.seed,
                "fields": result.parsed if result.valid else None, "output": result.text}
-        broken = spec.check(result.parsed) if result.valid else None
-        return row, _invalid(result) or (f"check: {broken}" if broken else None)
+        if not result.valid:
+            return row, _invalid(result)
+        same = gates.not_distinct(result.parsed, groups)
+        broken = spec.check(result.parsed)
+        return row, same or (f"check: {broken}" if broken else None)
     return to_row
 
 

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from engine.config import ConfigError
 from engine.pipeline.stages import Compute, Each, Generate, Pipeline, Stage, Whole
+from engine.quality.gates import Gates
 from engine.request import Request, Result, stable_hash
 
 log = logging.getLogger(__name__)
@@ -194,6 +195,7 @@ class Executor:
         self.pipeline, self.store, self.seed, self.replica = pipeline, store, seed, replica
         self.sync, self.streaming, self.progress = sync, streaming, progress
         self.reader = Reader(store, quality)
+        self.gates = Gates(quality)  # generic quality gates, after a stage's parse accepts a row
         self._starters = {**pipeline.engines, **engines}  # engines lent by the caller win (tests, benchmarks)
         self._engines: dict[str, Any] = {}
         self._checked: set[int] = set()  # constraints already preflighted (by id, then by identity)
@@ -449,6 +451,8 @@ class Executor:
         """A result: parse it, commit the row or the reject, count it, queue children or the next attempt."""
         stage, stats = run.stage, run.stats
         row, reason = stage.parse(request, result)
+        if reason is None:
+            reason = self.gates.check(request, result)  # a row failing a gate is a reject with its code
         row.setdefault("key", result.key)
         stats.generated += 1
         stats.prompt_tokens += result.prompt_tokens
@@ -528,6 +532,8 @@ class Executor:
 
     def _finish_stage(self, run: _StageRun, phase_seconds: float) -> None:
         stats = run.stats
+        if isinstance(run.stage, Generate) and (stats.generated or stats.skipped):  # the gates that ran: counted
+            self.store.record(run.stage.name, **{f"gate:{g}": 0 for g in self.gates.names(run.stage)})
         if stats.first is not None and stats.last is not None and self._persisted(run.stage.name):
             stats.seconds = stats.last - stats.first
             self.store.record(run.stage.name, seconds=round(stats.seconds, 3))

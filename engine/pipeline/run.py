@@ -10,12 +10,13 @@ publishes the declared stage once every replica is done.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any, Callable
 
 from pydantic import ValidationError
 
-from engine.config import ConfigError, RunConfig, first_error, load_yaml_mapping, validated
+from engine.config import ConfigError, JudgeSettings, RunConfig, first_error, load_yaml_mapping, validated
 
 # Part of every run's identity: runs written before the pipeline core (whose keys and seeds were each method's
 # own) are refused on resume rather than mixed with rows keyed the new way.
@@ -71,18 +72,74 @@ def run_payload(config: RunConfig, params=None, model_id: dict | None = None) ->
             f["path"] = file_identity(f["path"])
     payload["model_fingerprint"] = model_id["fingerprint"]
     payload["pipeline"] = PIPELINE_VERSION
+    if payload.get("judge") is None:  # runs without a judge keep the identity they had before it existed
+        payload.pop("judge", None)
     payload.pop("store", None)  # commit cadence does not change what is generated
     payload.pop("parallel", None)  # nor does how many replicas generate it: resume with any N
     return payload
 
 
 def build_pipeline(config: RunConfig, params=None, ctx=None):
-    """The method's declared pipeline (no model, no store: cheap), e.g. to check `--stop-after` up front."""
+    """The method's declared pipeline (no model, no store: cheap), e.g. to check `--stop-after` up front; with
+    the run config's `judge:`, the judge stage appended (add_judge)."""
     from engine import methods
     module = methods.load(config.method)
     params = params if params is not None else method_config(config)
     ctx = ctx or methods.Context(out=Path("."), seed=config.seed, model_name="model")
-    return module.pipeline(params, ctx)
+    pipeline = module.pipeline(params, ctx)
+    return add_judge(pipeline, config.judge, ctx) if config.judge is not None else pipeline
+
+
+JUDGE_STAGE = "judge"
+
+
+def add_judge(pipeline, judge: JudgeSettings, ctx):
+    """`pipeline` with a Generate stage "judge" appended, which reads each row of the published stage and is
+    published instead: a local model scores the row's `judge.fields` (default: the published text fields) on
+    the rubric, its output constrained to "1".."scale"; the row is published with its score in `judge.column`
+    and the scored row's key in `judged_key`, or is a reject `judge_below_threshold` when the score is below
+    `judge.threshold`. The method knows nothing of it: rows the judge rejects are not replaced."""
+    from engine.constraints import Constraint
+    from engine.pipeline.stages import Each, Generate, Pipeline, Publish
+    from engine.prompting import render
+    from engine.request import Request
+    published = pipeline.publish
+    fields = judge.fields or published.text_fields
+    scores = Constraint.choice([str(i) for i in range(1, judge.scale + 1)])
+    model_name, engine, engines = ctx.model_name, "main", dict(pipeline.engines)
+    if judge.model is not None:
+        from engine import models
+        model_dir = models.prepare(judge.model)  # a bad path fails now, before any stage
+        fingerprint = models.identity(model_dir)["fingerprint"]
+        if fingerprint != ctx.model_name:  # another model: a second engine, started when a row is first judged
+            model_name, engine = fingerprint, JUDGE_STAGE
+            engines[engine] = ctx.start_engine(model_dir) if ctx.start_engine is not None else _no_engine(model_dir)
+
+    def request(row: dict, seed: int) -> Request:
+        shown = [{"name": f, "value": v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)}
+                 for f in fields if (v := row.get(f)) is not None]
+        user = render(judge.prompt, rubric=judge.rubric, fields=shown, scale=judge.scale)
+        return Request.build(stage=JUDGE_STAGE, model=model_name, messages=[{"role": "user", "content": user}],
+                             constraint=scores, sampling=judge.sampling, seed=seed, meta={"row": row})
+
+    def parse(request: Request, result) -> tuple[dict, str | None]:
+        row = {**request.meta["row"], "key": result.key, "judged_key": request.meta["row"]["key"]}
+        if not result.valid:
+            return {**row, judge.column: None}, result.reason or "invalid"
+        score = int(result.text)
+        row[judge.column] = score
+        return row, (None if score >= judge.threshold else
+                     f"judge_below_threshold: {score} < {judge.threshold}")
+
+    stage = Generate(JUDGE_STAGE, reads=Each(published.stage), items=lambda row: [row], request=request,
+                     parse=parse, engine=engine, constraints=(scores,), gates=("judge_below_threshold",))
+    return Pipeline([*pipeline.stages, stage], Publish(JUDGE_STAGE, published.text_fields), engines=engines)
+
+
+def _no_engine(model_dir: Path) -> Callable[[], Any]:
+    def start() -> Any:
+        raise RuntimeError(f"no engine starter for the judge model {model_dir} (Context.start_engine is None)")
+    return start
 
 
 def check_stop_after(config: RunConfig, stop_after: str | None) -> None:

@@ -81,6 +81,10 @@ class Generate:
     constraints: tuple[Constraint, ...] = ()
     """The output constraints of this stage's requests, where the config alone fixes them: `sdg validate`
     compiles them before a run (one built from a parent row's content can only be checked when it is met)."""
+    gates: tuple[str, ...] = ()
+    """Reason codes of the quality gates this stage's `parse` applies (engine.quality.gates: GLAN's
+    "not_a_question", ...): the manifest counts each, zeros included, beside the generic gates the core applies
+    to every Generate stage after `parse` accepts a row (cut_at_max_length, repetition)."""
 
 
 @dataclass

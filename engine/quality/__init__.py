@@ -77,15 +77,26 @@ class QualityConfig(BaseModel):
     of different sizes."""
     seed: int = 0
     """Seed of the MinHash permutations and of the diversity samples."""
+    max_length_gate: bool = True
+    """Quality gate `cut_at_max_length` (engine.quality.gates), on every model stage: a JSON output with a string
+    as long as its schema's maxLength was cut there by the grammar, so it is a reject, not a row."""
+    repetition_gate: bool = True
+    """Quality gate `repetition`, on every model stage: an output (a JSON output's string values) of 16 words or
+    more whose share of repeated word n-grams exceeds `repetition_threshold` is a reject (a degenerate loop)."""
+    repetition_ngram: int = 4
+    """n of the word n-grams the repetition gate counts."""
+    repetition_threshold: float = 0.4
+    """Share of repeated n-grams above which an output is a loop, in (0, 1] (prose and the TDG seed templates
+    stay under 0.13; a sentence said three times is 0.6)."""
 
-    @field_validator("near_threshold")
+    @field_validator("near_threshold", "repetition_threshold")
     @classmethod
-    def _threshold(cls, v: float) -> float:
+    def _threshold(cls, v: float, info: ValidationInfo) -> float:
         if not 0 < v <= 1:
-            raise ValueError(f"near_threshold must be in (0, 1], got {v}")
+            raise ValueError(f"{info.field_name} must be in (0, 1], got {v}")
         return v
 
-    @field_validator("num_perm", "shingle", "decontam_ngram", "distinct_sample")
+    @field_validator("num_perm", "shingle", "decontam_ngram", "distinct_sample", "repetition_ngram")
     @classmethod
     def _positive_ints(cls, v: int, info: ValidationInfo) -> int:
         return _positive(info.field_name, v)

@@ -81,6 +81,24 @@ def _stages(manifest: dict) -> str:
     return "\n".join(out)
 
 
+def _gates(manifest: dict) -> str:
+    """Every quality gate that ran, per stage, with its rejects (zeros included) and what it checks."""
+    from engine.quality.gates import DESCRIPTIONS
+    gates = manifest.get("gates") or {}
+    if not gates:
+        return "No quality gate ran."
+    rows = [[f"`{stage}`", f"`{gate}`", n, DESCRIPTIONS.get(gate, "")]
+            for stage, counts in gates.items() for gate, n in counts.items()]
+    c = ((manifest.get("dataset") or {}).get("quality") or {}).get("config") or {}
+    settings = (f" Settings: `cut_at_max_length` {'on' if c['max_length_gate'] else 'off'}; `repetition` "
+                f"{'on' if c['repetition_gate'] else 'off'} (rejects above {c['repetition_threshold']} repeated "
+                f"{c['repetition_ngram']}-grams)." if "repetition_gate" in c else "")
+    return ("Checks a generated row had to pass before it was accepted (engine/quality/gates.py); a row failing "
+            "one is a reject of its stage, in `rejects/<stage>/` with the gate's code as its reason. A count of 0: "
+            "the gate ran and rejected nothing." + settings + "\n\n"
+            + _table(["stage", "gate", "rejects", "what it rejects"], rows))
+
+
 def _quality(q: dict) -> str:
     c = q["config"]
     settings = (f"Exact dedup on normalized text: {'on' if c['exact_dedup'] else 'off'}. "
@@ -120,6 +138,8 @@ def render(manifest: dict) -> str:
         "Engine and model:\n\n" + ident,
         "## Stages",
         _stages(manifest),
+        "## Quality gates",
+        _gates(manifest),
         "## Quality filters",
         _quality(ds["quality"]),
         "## Diversity",

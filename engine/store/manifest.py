@@ -38,11 +38,15 @@ class ManifestMixin:
             for k, v in w.get("stages", {}).get(stage, {}).items():
                 stats[k] = stats.get(k, 0) + v
         n_rows = len(self._row_keys.get(stage, ()))
+        # the quality gates that ran on this stage (declared as stats "gate:<code>"), counted from its rejects
+        gates = {k[5:]: reasons.get(k[5:], 0) for k in stats if k.startswith("gate:")}
+        stats = {k: v for k, v in stats.items() if not k.startswith("gate:")}
         return {
             "rows": n_rows,
             "duplicate_keys": sum(s.rows for s in rows) - n_rows,
             "rejects": len(self._reject_keys.get(stage, ())),
             "rejects_by_reason": dict(sorted(reasons.items())),
+            "gates": gates,
             "stats": dict(sorted(stats.items())),
             "shards": [{"file": s.rel, "rows": s.rows, "sha256": s.sha256} for s in rows],
             "reject_shards": [{"file": s.rel, "rows": s.rows, "sha256": s.sha256} for s in rej],
@@ -63,6 +67,7 @@ class ManifestMixin:
         stages = sorted({s.stage for s in self._shards.values()}
                         | {st for w in writers.values() for st in w.get("stages", {})})
         commits = [w["last_commit"] for w in writers.values() if w.get("last_commit")]
+        summaries = {st: self._stage_summary(st, writers) for st in stages}
         return {
             "format": FORMAT,
             "name": self.out.name,
@@ -75,7 +80,8 @@ class ManifestMixin:
             "writers": {w: {"commits": s.get("commits", 0), "last_commit": s.get("last_commit"),
                             "totals": s.get("totals", {}), "identity": s.get("identity")}
                         for w, s in writers.items()},
-            "stages": {st: self._stage_summary(st, writers) for st in stages},
+            "stages": summaries,
+            "gates": {st: s["gates"] for st, s in summaries.items() if s["gates"]},  # quality gates: rejects
             "quarantined": self._quarantined(),
             "dataset": dataset,
         }
