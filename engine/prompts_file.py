@@ -12,6 +12,7 @@ and `sdg generate` refuses a file with bad lines in one error listing all of the
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,10 +95,16 @@ def iter_lines(path: Path) -> Iterator[tuple[int, PromptLine | BadLine]]:
     held whole. InputError if it does not exist."""
     if not path.is_file():
         raise InputError(f"prompts file not found: {path}")
+    for number, text in iter_texts(path):
+        yield number, parse_line(number, text)
+
+
+def iter_texts(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) for each non-blank line of `path`, read lazily and not parsed (counting is cheap)."""
     with path.open(encoding="utf-8") as f:
         for number, text in enumerate(f, 1):
             if text.strip():
-                yield number, parse_line(number, text)
+                yield number, text
 
 
 def parse_line(number: int, text: str) -> PromptLine | BadLine:
@@ -186,7 +193,7 @@ def check_lines(path: Path, *, default_schema: Constraint | None = None, default
             continue
         extra = {k: v for k, v in (line.model_extra or {}).items() if k != "key"} or None
         if constraint is not None and compile is not None:
-            ident = json.dumps(constraint.identity(), sort_keys=True)
+            ident = json.dumps(constraint.identity())
             if ident not in verdicts:
                 verdicts[ident] = compile(constraint)
             if verdicts[ident] is not None:
@@ -216,13 +223,24 @@ def _constraint(line: PromptLine, base: Path, default_schema: Constraint | None)
     if line.schema_ is not None:
         spec = line.schema_
         if isinstance(spec, str) and not spec.lstrip().startswith("{"):
-            spec = base / spec  # a schema path is relative to the prompts file
-        return Constraint.json_schema(spec)
+            return _built("path", str(base / spec))  # a schema path is relative to the prompts file
+        return _built("json", json.dumps(spec) if isinstance(spec, dict) else spec)  # key order is output order
     if line.regex is not None:
-        return Constraint.regex(line.regex)
+        return _built("regex", line.regex)
     if line.choices is not None:
-        return Constraint.choice(line.choices)
+        return _built("choice", json.dumps(line.choices))
     return default_schema
+
+
+@functools.lru_cache(maxsize=1024)
+def _built(kind: str, text: str) -> Constraint:
+    """A constraint built once per distinct spec (checking a JSON Schema against its meta-schema takes about
+    2 ms: most of the time of a pass over a file whose lines repeat a few schemas). Constraints are immutable."""
+    if kind == "path":
+        return Constraint.json_schema(Path(text))
+    if kind == "json":
+        return Constraint.json_schema(text)
+    return Constraint.regex(text) if kind == "regex" else Constraint.choice(json.loads(text))
 
 
 def _parts(line: PromptLine, base: Path, default_schema: Constraint | None,

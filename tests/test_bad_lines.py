@@ -76,7 +76,8 @@ def test_reject_runs_the_good_lines_and_a_complete_rerun_starts_no_engine(tmp_pa
     bad = {r["row"]["line"]: r for r in rejects if "line" in r["row"]}
     assert {n: r["reason"].split(":")[0] for n, r in bad.items()} == BAD
     assert bad[6]["row"]["id"] == "refused" and "minLength" in bad[6]["row"]["error"]
-    generated = {r["id"] for r in store.rows("generate")} | {r["row"].get("id") for r in rejects if "line" not in r["row"]}
+    generated = {r["id"] for r in store.rows("generate")} | {r["row"].get("id") for r in rejects
+                                                            if "line" not in r["row"]}
     assert generated == {"good-1", "good-2", "good-3"}  # a good line may be a reject too (tiny model, 8 tokens)
     manifest = json.loads((out / "manifest.json").read_text())["stages"]["generate"]
     for code in BAD.values():
@@ -137,16 +138,33 @@ def test_the_compile_limit_holds(model_dir):
         checker.close()
 
 
-def test_the_prompts_file_is_streamed(tmp_path, monkeypatch):
-    """The method's items read the file lazily: one line parsed per item taken, never the whole file first."""
-    from engine import prompts_file
+def test_the_prompts_file_is_streamed(tmp_path):
+    """The method's items read the file lazily: from a pipe whose writer waits, the first item arrives before
+    the second line is even written."""
+    import os
+    import threading
+
     from engine.methods import Context
     from engine.methods.generate import Config, pipeline
-    prompts = _write(tmp_path / "p.jsonl", [{"prompt": f"p{i}"} for i in range(1000)])
-    items = pipeline(Config(prompts=prompts), Context(out=tmp_path)).stages[0].items()
-    parsed = []
-    parse = prompts_file.parse_line
-    monkeypatch.setattr(prompts_file, "parse_line", lambda number, text: parsed.append(number) or parse(number, text))
-    index, number, line = next(items)
-    assert (index, number, line.prompt) == (0, 1, "p0") and parsed == [1]
-    assert sum(1 for _ in items) == 999 and len(parsed) == 1000
+    fifo = tmp_path / "p.jsonl"
+    os.mkfifo(fifo)
+    reader_has_first = threading.Event()
+
+    def write() -> None:
+        with open(fifo, "w") as f:
+            f.write(json.dumps({"prompt": "p0"}) + "\n")
+            f.flush()
+            reader_has_first.wait(20)
+            f.write(json.dumps({"prompt": "p1"}) + "\n")
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    config = Config.model_construct(prompts=fifo)  # not validated: that would read the pipe
+    items = pipeline(config, Context(out=tmp_path)).stages[0].items()
+    started = time.perf_counter()
+    first = next(items)
+    waited = time.perf_counter() - started
+    reader_has_first.set()
+    assert first[:2] == (0, 1) and waited < 10, (first, waited)
+    assert [item[:2] for item in items] == [(1, 2)]
+    writer.join()

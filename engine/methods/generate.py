@@ -17,7 +17,8 @@ from engine.constraints import Constraint
 from engine.methods import Context
 from engine.pipeline.core import RejectItem, result_row
 from engine.pipeline.stages import Generate, Pipeline, Publish
-from engine.prompts_file import BadLine, InputError, check_line, check_lines, iter_lines, line_request, refusal
+from engine.prompts_file import (BadLine, InputError, check_line, check_lines, iter_lines, iter_texts, line_request,
+                                 parse_line, refusal)
 from engine.request import Request, Sampling
 
 
@@ -62,12 +63,14 @@ def pipeline(config: Config, ctx: Context) -> Pipeline:
     default_schema = Constraint.json_schema(config.schema_) if config.schema_ else None
 
     def items():
-        """(index among non-blank lines, line number, PromptLine or BadLine), read lazily."""
-        for index, (number, line) in enumerate(iter_lines(config.prompts)):
-            yield index, number, line
+        """(index among non-blank lines, line number, its text), read lazily; a line is parsed when its request
+        is built, so counting the items (the progress bar's total) is cheap."""
+        for index, (number, text) in enumerate(iter_texts(config.prompts)):
+            yield index, number, text
 
-    def request(item: tuple[int, int, Any], seed: int) -> Request:
-        index, number, line = item
+    def request(item: tuple[int, int, str], seed: int) -> Request:
+        index, number, text = item
+        line = parse_line(number, text)
         if isinstance(line, BadLine):
             if config.on_bad_line == "reject":
                 raise RejectItem(line.reason, line.row())
