@@ -267,23 +267,28 @@ def _reopen(out: Path) -> RunStore:
 
 def test_real_engine_judge_scores_rows_and_rejects_below_the_threshold(tmp_path, vllm_backend):
     """Echo's 3 + 3 rows judged by the run's own model: at threshold 1 every row is published with its score
-    (a column), at scale + 1 every row is a reject `judge_below_threshold`, counted in the manifest and card."""
+    (a column); at scale + 1 every row is a reject `judge_below_threshold` (so nothing is left to publish),
+    counted in the manifest; the card counts the judge's gate."""
     from engine.pipeline.run import run_method
-    published = {}
-    for threshold in (1, 6):
-        config = RunConfig(method="echo", params={"prompts": 3}, quality={"exact_dedup": False, "near_dedup": False},
-                           judge={"threshold": threshold, "rubric": "a good example is a complete English sentence"})
-        out, manifest, _ = run_method(config, tmp_path / f"t{threshold}", progress=False,
-                                      engines={"main": lambda: vllm_backend})
-        rows = [r for f in sorted((out / "data").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
-        published[threshold] = (rows, manifest)
-    rows, manifest = published[1]
+    from engine.store.runs import StoreError
+
+    def config(threshold: int) -> RunConfig:
+        return RunConfig(method="echo", params={"prompts": 3}, quality={"exact_dedup": False, "near_dedup": False},
+                         judge={"threshold": threshold, "rubric": "a good example is a complete English sentence"})
+
+    out, manifest, _ = run_method(config(1), tmp_path / "t1", progress=False, engines={"main": lambda: vllm_backend})
+    rows = [r for f in sorted((out / "data").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
     assert len(rows) == 3 and all(1 <= r["judge_score"] <= 5 for r in rows)
-    with _reopen(tmp_path / "t1") as store:
+    with _reopen(out) as store:
         assert {r["judged_key"] for r in rows} == {r["key"] for r in store.rows("second")}
     assert manifest["gates"]["judge"] == {"cut_at_max_length": 0, "repetition": 0, "judge_below_threshold": 0}
-    rows, manifest = published[6]
-    assert rows == [] and manifest["dataset"]["num_rows"] == 0
-    assert manifest["gates"]["judge"]["judge_below_threshold"] == 3
-    assert "| `judge` | `judge_below_threshold` | 3 |" in (tmp_path / "t6" / "README.md").read_text()
+    assert "| `judge` | `judge_below_threshold` | 0 |" in (out / "README.md").read_text()
 
+    with pytest.raises(StoreError, match=r"nothing to publish: stage 'judge'.*\(3 rejects\)"):
+        run_method(config(6), tmp_path / "t6", progress=False, engines={"main": lambda: vllm_backend})
+    manifest = json.loads((tmp_path / "t6" / "manifest.json").read_text())  # written at the last commit
+    assert manifest["gates"]["judge"]["judge_below_threshold"] == 3
+    rejects = [r for f in sorted((tmp_path / "t6" / "rejects" / "judge").glob("*.parquet"))
+               for r in pq.read_table(f).to_pylist()]  # read from disk: the failed publish left its store open
+    assert len(rejects) == 3 and all(r["reason"].startswith("judge_below_threshold: ") for r in rejects)
+    assert all(1 <= json.loads(r["row"])["judge_score"] <= 5 for r in rejects)
