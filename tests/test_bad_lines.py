@@ -90,7 +90,7 @@ def test_reject_runs_the_good_lines_and_a_complete_rerun_starts_no_engine(tmp_pa
     seconds = time.perf_counter() - started
     assert again.returncode == 0, again.stderr[-3000:]
     assert "engine main:" not in again.stderr and "generated" not in again.stdout, again.stderr[-2000:]
-    assert seconds < 45, seconds  # an engine start alone takes about 70 s here
+    assert seconds < 60, seconds  # an engine start alone takes about 70 s here (the preflight's worker: ~10 s)
     assert json.loads((out / "manifest.json").read_text())["stages"]["generate"]["rejects"] == manifest["rejects"]
 
 

@@ -86,6 +86,8 @@ def pipeline(config: Config, ctx: Context) -> Pipeline:
             if config.on_bad_line != "reject":
                 raise
             bad = check_line(number, line, config.prompts, default_schema=default_schema, defaults=config.sampling)
+            if bad is None:
+                raise
             raise RejectItem(bad.reason, bad.row()) from None
 
     return Pipeline(
