@@ -346,9 +346,8 @@ class Executor:
         def feed() -> Iterator[Request | None]:
             request = first
             while request is not END:
-                if request is not None and request.constraint is not None:
-                    self._preflight(backend, request)
-                yield request
+                if request is None or request.constraint is None or self._enforceable(backend, request):
+                    yield request
                 request = self._next(engine)
 
         started = time.perf_counter()
@@ -362,6 +361,26 @@ class Executor:
         self.generating_seconds += time.perf_counter() - started
         self.store.record_writer(generating_seconds=round(time.perf_counter() - started, 3))
         return True
+
+    def _enforceable(self, backend, request: Request) -> bool:
+        """Whether the backend takes the request's constraint. One the stage declares (its config fixes it) and
+        cannot be enforced fails the run; one built from an item's content (TDG's per-template schemas) makes
+        that request a reject ('constraint_refused'), and the run goes on."""
+        from engine.constraints import ConstraintError
+        try:
+            self._preflight(backend, request)
+            return True
+        except ConstraintError as e:
+            run, work, _ = self._by_key.pop(request.key)
+            declared = {repr(c.identity()) for c in run.stage.constraints}
+            if repr(request.constraint.identity()) in declared:
+                raise
+            run.in_flight -= 1
+            self._take(run, work, request, Result(
+                key=request.key, text="", parsed=None, prompt_tokens=0, output_tokens=0,
+                finish_reason="constraint_refused", valid=False, reason=f"constraint_refused: {e}",
+                meta=request.meta))
+            return False
 
     def _preflight(self, backend, request: Request) -> None:
         """A constraint the backend cannot enforce fails before its first request runs (once per constraint)."""

@@ -22,6 +22,8 @@ import random
 from fractions import Fraction
 from pathlib import Path
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from engine.config import ConfigError
@@ -65,6 +67,12 @@ class Config(BaseModel):
     come from the run's seed, as for every method)."""
     sampling: Sampling = Field(default_factory=lambda: Sampling(max_tokens=768, temperature=0.8))
     """Sampling of template writing; a template cut off by max_tokens is rejected as 'truncated'."""
+    writing: Literal["two_phase", "one_request"] = "two_phase"
+    """How the model writes a template: two constrained requests (variables, then text whose schema names
+    them: writing.py), or the whole template in one request under grammars/tdg/meta_template.schema.json."""
+    revise: bool = True
+    """With two_phase: the critique-and-revise round (the model judges a draft shown with one of its problems
+    and the computed answer, or with the verifier's reason, and writes it again; verified again)."""
     use_seed_templates: bool = True
     """Also instantiate the shipped seed library (source='seed')."""
     few_shot: int = Field(2, ge=0, le=5)
@@ -152,6 +160,166 @@ def template_request(config: Config, model: str):
                              seed=seed, meta={"topic": task["topic"], "example_id": task["example_id"],
                                               "repeat": task["repeat"]})
     return request
+
+
+# -- 1'. two-phase writing and the revision round (writing.py) ------------------------------------------------
+def _chat(system: str, user: str) -> list[dict]:
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+def variables_request(config: Config, model: str):
+    """task -> the first request: the skill and variables of one template."""
+    from engine.methods.tdg import writing
+    examples = writing.two_phase_examples()
+    constraint = Constraint.json_schema(writing.variables_schema())
+    system = render("tdg/two_phase_system.jinja")
+
+    def request(task: dict, seed: int) -> Request:
+        rng = random.Random(stable_hash(["tdg-shots", config.seed, task["task"], task["repeat"]]))
+        shots = rng.sample(examples, min(max(config.few_shot, 1), len(examples)))
+        user = render("tdg/write_variables.jinja", topic=task["topic"], problem=task["problem"],
+                      examples=[{"skill": x["skill"], "json": writing.shown({"skill": x["skill"],
+                                                                              "variables": x["variables"]})}
+                                for x in shots])
+        return Request.build(stage="template_variables", model=model, constraint=constraint, seed=seed,
+                             sampling=config.sampling, messages=_chat(system, user),
+                             meta={"topic": task["topic"], "example_id": task["example_id"],
+                                   "problem": task["problem"], "repeat": task["repeat"], "task": task["task"]})
+    return request
+
+
+def variables_row(request: Request, result: Result) -> tuple[dict, str | None]:
+    from engine.methods.tdg.writing import check_variables
+    base = {**request.meta, "key": result.key, "output": result.text, "output_tokens": result.output_tokens}
+    if not result.valid:
+        return {**base, "details": result.reason}, (result.reason or "invalid").split(":")[0]
+    variables, reason = check_variables(result.parsed)
+    return {**base, "skill": result.parsed["skill"], "variables": variables}, reason
+
+
+def draft_request(config: Config, model: str):
+    """variables row -> the second request: the text, under a schema that names those variables."""
+    from engine.methods.tdg import writing
+    examples = writing.two_phase_examples()
+    system = render("tdg/two_phase_system.jinja")
+
+    def request(row: dict, seed: int) -> Request:
+        rng = random.Random(stable_hash(["tdg-text-shots", config.seed, row["key"]]))
+        shots = rng.sample(examples, min(max(config.few_shot, 1), len(examples)))
+        user = render("tdg/write_text.jinja", skill=row["skill"], problem=row["problem"],
+                      variables=writing.describe(row["variables"]),
+                      examples=[{"variables": writing.describe(_ranges(x["variables"])),
+                                 "json": writing.shown(x["text"])} for x in shots])
+        return Request.build(stage="drafts", model=model, seed=seed, sampling=config.sampling,
+                             constraint=Constraint.json_schema(writing.text_schema(row["variables"])),
+                             messages=_chat(system, user),
+                             meta={k: row[k] for k in ("topic", "example_id", "repeat", "skill", "variables")}
+                             | {"variables_key": row["key"]})
+    return request
+
+
+def _ranges(variables: list[dict]) -> list[dict]:
+    """(min, count, step) integer variables as (min, max, step)."""
+    return [{"name": v["name"], "type": "integer", "min": v["min"], "max": v["min"] + v["step"] * (v["count"] - 1),
+             "step": v["step"]} if v["type"] == "integer" else v for v in variables]
+
+
+def _verified(config: Config, meta: dict, text: dict) -> dict:
+    """The template of `text` verified: its row fields (verify.Verdict.to_row) and, when accepted, one instance
+    (problem and answer) for the revision prompt."""
+    from engine.methods.tdg.instantiate import make_row
+    from engine.methods.tdg.writing import assemble
+    template = assemble(meta["skill"], meta["variables"], text)
+    v = verify_template(template, k=config.verify_instances, seed=config.seed, sandbox=config.sandbox)
+    out = {**v.to_row(), "text": text}
+    if v.accepted and v.compiled is not None:
+        instance = make_row(v.compiled, config.seed, 0)
+        out["instance"] = {"problem": instance["problem"], "result": instance["result"]} if instance else None
+    return out
+
+
+def draft_row(config: Config):
+    """A draft is kept whatever its verdict (the revision round reads it); only an unusable output (truncated,
+    not the schema) is a reject."""
+    def parse(request: Request, result: Result) -> tuple[dict, str | None]:
+        base = {**request.meta, "key": result.key, "output": result.text, "output_tokens": result.output_tokens}
+        if not result.valid:
+            return {**base, "details": result.reason}, (result.reason or "invalid").split(":")[0]
+        return {**base, **_verified(config, request.meta, result.parsed), "key": result.key}, None
+    return parse
+
+
+def revision_request(config: Config, model: str):
+    """draft row -> the critique-and-revise request."""
+    from engine.methods.tdg import writing
+    system = render("tdg/two_phase_system.jinja")
+
+    def request(draft: dict, seed: int) -> Request:
+        user = render("tdg/revise.jinja", skill=draft["skill"], variables=writing.describe(draft["variables"]),
+                      draft=writing.shown(draft["text"]), instance=draft.get("instance"),
+                      reason=draft["reason"], details=draft["details"])
+        return Request.build(stage="revisions", model=model, seed=seed, sampling=config.sampling,
+                             constraint=Constraint.json_schema(writing.revision_schema(draft["variables"])),
+                             messages=_chat(system, user),
+                             meta={k: draft[k] for k in ("topic", "example_id", "repeat", "skill", "variables")}
+                             | {"draft_key": draft["key"], "draft": _template_fields(draft)})
+    return request
+
+
+def _template_fields(row: dict) -> dict:
+    """What a final template row needs of a draft or revision (verify.Verdict.to_row's fields)."""
+    return {k: v for k, v in row.items() if k in ("template_id", "template", "accepted", "reason", "details",
+                                                  "source", "skill") or k.startswith("stat_")}
+
+
+def revision_row(config: Config):
+    """A revision is kept whatever its verdict; an unusable output is recorded as a rejected revision (the
+    draft may still be the final template)."""
+    def parse(request: Request, result: Result) -> tuple[dict, str | None]:
+        base = {**request.meta, "key": result.key, "output": result.text, "output_tokens": result.output_tokens}
+        if not result.valid:
+            reason = (result.reason or "invalid").split(":")[0]
+            return {**base, "accepted": False, "reason": reason, "details": result.reason, "verdict": None}, None
+        text = {k: v for k, v in result.parsed.items() if k != "verdict"}
+        return {**base, **_verified(config, request.meta, text), "verdict": result.parsed["verdict"],
+                "key": result.key}, None
+    return parse
+
+
+def final_template_rows(config: Config):
+    """revision (or draft, without the round) -> the template row, or a reject with the final reason: the
+    revision when it verifies, else the draft when it did."""
+    def rows(row: dict):
+        chosen = row if row.get("accepted") else row.get("draft") if row.get("draft", {}).get("accepted") else None
+        key = stable_hash(["tdg-template", row["key"]])
+        meta = {"topic": row.get("topic"), "example_id": row.get("example_id"), "writing": "two_phase",
+                "from": ("revision" if chosen is row and "draft" in row else "draft") if chosen else None}
+        if chosen is None:
+            yield {**_template_fields(row), **meta, "key": key}, row.get("reason") or "rejected"
+        else:
+            yield {**_template_fields(chosen), **meta, "key": key}, None
+    return rows
+
+
+def writing_figures(config: Config):
+    """reader -> acceptance of the model's templates before and after the revision round, and by reason."""
+    def figures(reader) -> dict:
+        drafts, revisions = reader.rows("drafts"), reader.rows("revisions") if config.revise else []
+        asked = len(template_tasks(config))
+        final = reader.rows("templates")
+        out = {"templates_asked": asked,
+               "drafts": len(drafts), "drafts_accepted": sum(bool(d.get("accepted")) for d in drafts),
+               "revisions": len(revisions), "revisions_accepted": sum(bool(r.get("accepted")) for r in revisions),
+               "judged_wrong": sum(r.get("verdict") == "wrong" for r in revisions),
+               "templates_accepted": len(final),
+               "acceptance_before_revision": round(sum(bool(d.get("accepted")) for d in drafts) / asked, 4)
+               if asked else 0.0,
+               "acceptance_after_revision": round(len(final) / asked, 4) if asked else 0.0}
+        for d in drafts:
+            if not d.get("accepted"):
+                out[f"draft_reason:{d.get('reason')}"] = out.get(f"draft_reason:{d.get('reason')}", 0) + 1
+        return out
+    return figures
 
 
 # -- 2. parse -> verify -> template row or reject ---------------------------------------------------------------
@@ -337,14 +505,32 @@ def pipeline(config: Config, ctx: Context) -> Pipeline:
     return Pipeline(
         stages=[
             Compute("seed_templates", rows=lambda: seed_template_rows(config) if config.use_seed_templates else ()),
-            Generate("templates", items=lambda: template_tasks(config), request=template_request(config, ctx.model_name),
-                     parse=template_row(config)),
+            *model_template_stages(config, ctx.model_name),
             Compute("file_templates",
                     rows=lambda: file_template_rows(config) if config.templates_file is not None else ()),
             Compute("problems", reads=Each("seed_templates", "templates", "file_templates"),
                     rows=problem_rows(config), figures=problem_figures(config)),
         ],
         publish=Publish("problems", text_fields=["problem", "solution_wocode"]))
+
+
+def model_template_stages(config: Config, model: str) -> list:
+    """The stages that end in stage `templates`: the model's verified templates."""
+    if config.writing == "one_request":
+        return [Generate("templates", items=lambda: template_tasks(config), request=template_request(config, model),
+                         parse=template_row(config))]
+    stages = [
+        Generate("template_variables", items=lambda: template_tasks(config), request=variables_request(config, model),
+                 parse=variables_row),
+        Generate("drafts", reads=Each("template_variables"), items=lambda row: [row],
+                 request=draft_request(config, model), parse=draft_row(config)),
+    ]
+    if config.revise:
+        stages.append(Generate("revisions", reads=Each("drafts"), items=lambda row: [row],
+                               request=revision_request(config, model), parse=revision_row(config)))
+    stages.append(Compute("templates", reads=Each("revisions" if config.revise else "drafts"),
+                          rows=final_template_rows(config), figures=writing_figures(config)))
+    return stages
 
 
 def export_templategsm(out: Path, to: Path) -> int:

@@ -112,7 +112,7 @@ class Template(_Strict):
     skill: str = Field("", max_length=60)
     variables: list[Variable] = Field(min_length=1, max_length=10)
     constraints: list[str] = Field(default_factory=list, max_length=8)
-    problem: str = Field(min_length=10, max_length=800)
+    problem: str = Field(min_length=10, max_length=1000)  # GSM8K-length problems (the longest are ~900)
     steps: list[Step] = Field(default_factory=list, max_length=10)
     answer: Answer
 

@@ -118,9 +118,12 @@ def _prepare(raw, *, k: int, seed: int, max_draws: int, source: str) -> Verdict 
 
     # -- the text and the answer must agree on which variables matter ------------------------------------
     env: dict[str, sympy.Basic] = {}
-    for s in ct.steps:
-        env[s.name] = X.to_sympy(s.expr, env)
-    answer_deps = {str(x) for x in X.to_sympy(ct.answer, env).free_symbols}
+    try:
+        for s in ct.steps:
+            env[s.name] = X.to_sympy(s.expr, env)
+        answer_deps = {str(x) for x in X.to_sympy(ct.answer, env).free_symbols}
+    except (ArithmeticError, TypeError, ValueError) as e:  # e.g. "a % 0": sympy raises on the symbol itself
+        return _reject(obj, "eval_error", f"the steps cannot be analysed: {type(e).__name__}: {e}", tid, checked=ct)
     constraint_deps = set().union(*(c.names for c in ct.constraints)) if ct.constraints else set()
     shown = ct.problem_names()
     missing = sorted(answer_deps - shown)

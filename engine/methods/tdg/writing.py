@@ -1,0 +1,224 @@
+"""Template writing in two constrained requests, then a critique-and-revise round (TDG's `writing: two_phase`).
+
+One request per template, as the paper asks GPT-4, fails a small model at the grammar of the template: names
+it never declared, expressions that do not parse, ranges whose step does not divide them. Here the constraint
+does that work, so those rejects cannot happen:
+
+  1. Variables.  grammars/tdg/variables.schema.json: names, and integer ranges written as (min, count, step), so
+     max = min + step x (count - 1) is consistent by construction; word variables name one of our word lists.
+  2. Text.  A schema built from THOSE names (`text_schema`): the problem text may hold only `{name}` placeholders
+     of the declared variables and must hold each of them (in their declared order) and end with a question
+     mark; the steps are step1, step2, ... (prefixItems), each an expression over the variables and the earlier
+     steps, in a regular language of numbers, names, + - * / % and one level of parentheses; its explanation may
+     name the variables and the steps up to itself; the answer is one of the steps.
+  3. Critique and revise (the paper's revision round).  The model sees the draft with one instance of it (a
+     problem and the answer our verifier computed) or, when the draft was rejected, the verifier's reason; it
+     judges the draft (correct / wrong) and writes the text again under the same schema. The revision is
+     verified again; the final template is the revision when it verifies, else the draft when it did.
+
+The verifier (verify.py) is the same as for one-request templates: its rules do not change with the writing.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+from engine.methods.tdg.template import DATA_DIR, word_lists
+
+GRAMMARS = Path(__file__).resolve().parents[3] / "grammars" / "tdg"
+VARIABLES_SCHEMA = GRAMMARS / "variables.schema.json"
+MAX_STEPS = 4
+SEGMENT = 150  # most characters between two placeholders of a problem text (a GSM8K problem is ~200 in all)
+RESERVED = {"and", "or", "not", "in", "is", "if", "else", "min", "max", "abs", "round", "floor", "ceil", "gcd",
+            "lcm", "sqrt", "true", "false", "none", "result", "solution", "math"}
+"""Names the expression language or the compiled code already use: a variable named so is a reject."""
+NUMBER = r"[1-9][0-9]{0,3}"  # no zero literal: no division or modulo by a literal zero
+
+
+# -------------------------------------------------------------------------------------------- the languages
+def _alternatives(names: Iterable[str]) -> str:
+    """A regex group matching exactly one of `names` (longest first, so 'price2' is not read as 'price')."""
+    return "(?:" + "|".join(re.escape(n) for n in sorted(set(names), key=lambda n: (-len(n), n))) + ")"
+
+
+def expr_pattern(names: Iterable[str]) -> str:
+    """Arithmetic over `names` and whole numbers that names at least one of `names` (an expression of numbers
+    alone computes nothing from the variables): + - * / % between operands, one level of parentheses.
+
+    >>> p = expr_pattern(["a", "b"])
+    >>> bool(re.fullmatch(p, "(a + 3) * b / 2")), bool(re.fullmatch(p, "c")), bool(re.fullmatch(p, "2 * 3"))
+    (True, False, False)
+    """
+    name = _alternatives(names)
+    term = f"(?:{name}|{NUMBER})"
+    group = f"\\({term}(?: [-+*/] {term}){{1,3}}\\)"
+    named_group = f"\\((?:{term} [-+*/] ){{0,2}}{name}(?: [-+*/] {term}){{0,2}}\\)"
+    atom, named = f"(?:{term}|{group})", f"(?:{name}|{named_group})"
+    return f"(?:{atom} [-+*/%] ){{0,3}}{named}(?: [-+*/%] {atom}){{0,3}}"
+
+
+def problem_pattern(variables: list[str]) -> str:
+    """Text whose only placeholders are `{variable}`, holding every variable (first uses in declared order),
+    ending with a question mark.
+
+    >>> p = problem_pattern(["name", "n"])
+    >>> bool(re.fullmatch(p, "{name} has {n} pens. {name} gives one away. How many are left?"))
+    True
+    >>> bool(re.fullmatch(p, "{n} pens for {name}?")), bool(re.fullmatch(p, "{name} has {k} pens?"))
+    (False, False)
+    """
+    # Bounded repetitions, not maxLength: llguidance cannot intersect a maxLength with a pattern this size
+    # ("unable to determine if regex is empty"). A small model's run-on text stops at the bound.
+    text = r"[^{}\n]"
+    any_placeholder = r"\{" + _alternatives(variables) + r"\}"
+    pattern = f"{text}{{0,{SEGMENT}}}"
+    for v in variables:
+        pattern += r"\{" + re.escape(v) + r"\}" + f"(?:{text}|{any_placeholder}){{0,{SEGMENT}}}"
+    return pattern + r"\?"
+
+
+def explanation_pattern(names: list[str]) -> str:
+    """A sentence whose placeholders are `{name}` of `names`."""
+    placeholder = r"\{" + _alternatives(names) + r"\}"
+    tail = f"(?:{placeholder}[^{{}}\\n]{{0,60}})"
+    return f"(?:[^{{}}\\n]{{1,80}}{tail}{{0,4}}|{tail}{{1,5}})"  # not empty; starts with text or a placeholder
+
+
+def step_names(n: int = MAX_STEPS) -> list[str]:
+    return [f"step{i}" for i in range(1, n + 1)]
+
+
+def text_schema(variables: list[dict]) -> dict:
+    """The JSON Schema of the second request for these variables (see the module docstring)."""
+    names = [v["name"] for v in variables]
+    numeric = [v["name"] for v in variables if v["type"] != "choice"]
+    steps = step_names()
+    prefix = [{"type": "object",
+               "properties": {"name": {"const": step},
+                              "expr": {"type": "string", "pattern": f"^{expr_pattern(numeric + steps[:i])}$"},
+                              "text": {"type": "string",
+                                       "pattern": f"^{explanation_pattern(names + steps[:i + 1])}$"}},
+               "required": ["name", "expr", "text"], "additionalProperties": False}
+              for i, step in enumerate(steps)]
+    comparison = f"^{expr_pattern(numeric)} (?:==|!=|<|>|<=|>=) (?:{expr_pattern(numeric)}|{NUMBER})$"
+    return {
+        "type": "object",
+        "properties": {
+            "problem": {"type": "string", "pattern": f"^{problem_pattern(names)}$"},
+            "constraints": {"type": "array", "maxItems": 2, "items": {"type": "string", "pattern": comparison}},
+            "steps": {"type": "array", "minItems": 1, "maxItems": MAX_STEPS, "prefixItems": prefix,
+                      "items": False},
+            "answer": {"type": "object",
+                       "properties": {"expr": {"enum": steps}, "type": {"enum": ["integer", "decimal", "fraction"]},
+                                      "places": {"type": "integer", "minimum": 0, "maximum": 2}},
+                       "required": ["expr", "type", "places"], "additionalProperties": False},
+        },
+        "required": ["problem", "constraints", "steps", "answer"],
+        "additionalProperties": False,
+    }
+
+
+def revision_schema(variables: list[dict]) -> dict:
+    """The critique-and-revise answer: a verdict on the draft, then the text written again."""
+    schema = text_schema(variables)
+    return {**schema, "properties": {"verdict": {"enum": ["correct", "wrong"]}, **schema["properties"]},
+            "required": ["verdict", *schema["required"]]}
+
+
+def variables_schema() -> dict:
+    """grammars/tdg/variables.schema.json with our word lists as the `list` enum."""
+    schema = json.loads(VARIABLES_SCHEMA.read_text())
+    choice = schema["properties"]["variables"]["items"]["anyOf"][1]
+    choice["properties"]["list"] = {"enum": sorted(word_lists())}
+    return schema
+
+
+# -------------------------------------------------------------------------------------------- parsing
+def check_variables(parsed: dict) -> tuple[list[dict], str | None]:
+    """The first request's variables with integer ranges as (min, max, step); a reason when unusable (two
+    variables with one name, or a name the expressions reserve)."""
+    variables = []
+    for v in parsed["variables"]:
+        if v["type"] == "choice":
+            variables.append({"name": v["name"], "type": "choice", "list": v["list"]})
+        else:
+            variables.append({"name": v["name"], "type": "integer", "min": v["min"],
+                              "max": v["min"] + v["step"] * (v["count"] - 1), "step": v["step"]})
+    names = [v["name"] for v in variables]
+    if len(set(names)) != len(names):
+        return variables, "duplicate_name"
+    if set(names) & RESERVED:
+        return variables, "reserved_name"
+    if all(v["type"] == "choice" for v in variables):
+        return variables, "no_number"
+    return variables, None
+
+
+def assemble(skill: str, variables: list[dict], text: dict) -> dict:
+    """The meta-template of variables (request 1) and text (request 2): the form the verifier checks."""
+    return {"skill": skill, "variables": variables, "constraints": list(text["constraints"]),
+            "problem": text["problem"],
+            "steps": [{"name": s["name"], "expr": s["expr"], "text": s["text"]} for s in text["steps"]],
+            "answer": dict(text["answer"])}
+
+
+# -------------------------------------------------------------------------------------------- few-shot
+def two_phase_examples() -> list[dict]:
+    """Seed templates written in this form (integer and word variables, steps renamed step1..., expressions
+    in the constrained language): (skill, variables as (min, count, step), text) for the prompts' examples."""
+    out = []
+    for line in (DATA_DIR / "seed_templates.jsonl").read_text().splitlines():
+        if not line.strip():
+            continue
+        seed = json.loads(line)
+        converted = _converted(seed)
+        if converted is not None:
+            out.append(converted)
+    return out
+
+
+def _converted(seed: dict) -> dict | None:
+    if any(v["type"] == "decimal" for v in seed["variables"]) or len(seed["steps"]) > MAX_STEPS:
+        return None
+    renames = {s["name"]: f"step{i}" for i, s in enumerate(seed["steps"], 1)}
+    rename = lambda text: re.sub(r"\b(" + "|".join(map(re.escape, renames)) + r")\b",  # noqa: E731
+                                 lambda m: renames[m[1]], text)
+    variables = [v if v["type"] == "choice" else
+                 {"name": v["name"], "type": "integer", "min": v["min"], "count": (v["max"] - v["min"]) // v["step"] + 1,
+                  "step": v["step"]} for v in seed["variables"]]
+    text = {"problem": seed["problem"], "constraints": seed["constraints"],
+            "steps": [{"name": renames[s["name"]], "expr": rename(s["expr"]), "text": rename(s["text"])}
+                      for s in seed["steps"]],
+            "answer": {**seed["answer"], "expr": renames.get(seed["answer"]["expr"], seed["answer"]["expr"])}}
+    full = [{**v, "max": v["min"] + v["step"] * (v["count"] - 1)} if v["type"] == "integer" else v for v in variables]
+    schema = text_schema([{k: x for k, x in v.items() if k != "count"} for v in full])
+    if not _matches(schema, text):
+        return None
+    return {"skill": seed["skill"], "variables": variables, "text": text}
+
+
+def _matches(schema: dict, text: dict) -> bool:
+    """Whether `text` is in the language of `schema` (a seed outside it is not shown as an example)."""
+    import jsonschema
+    try:
+        jsonschema.validate(text, schema)
+    except jsonschema.ValidationError:
+        return False
+    return True
+
+
+def describe(variables: list[dict]) -> list[str]:
+    """The variables as the second prompt lists them."""
+    out = []
+    for v in variables:
+        if v["type"] == "choice":
+            out.append(f"{{{v['name']}}}: a word from the list {v['list']}")
+        else:
+            out.append(f"{{{v['name']}}}: a whole number from {v['min']} to {v['max']} in steps of {v['step']}")
+    return out
+
+
+def shown(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)

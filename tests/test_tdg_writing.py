@@ -1,0 +1,94 @@
+"""TDG's two-phase constrained writing (engine/methods/tdg/writing.py): what the schemas let through is what
+the verifier accepts on the points the constraint owns (declared names only, expressions that parse, ranges
+consistent by construction, every variable in the text), and the method's stages (variables -> drafts ->
+revisions -> templates) on the real engine record acceptance before and after the revision round."""
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+
+from engine.methods.tdg import writing
+from engine.methods.tdg.verify import verify_template
+
+VARIABLES = [{"name": "name", "type": "choice", "list": "names"},
+             {"name": "price", "type": "integer", "min": 20, "max": 300, "step": 10},
+             {"name": "off", "type": "integer", "min": 5, "max": 60, "step": 5}]
+GOOD_TEXT = {"problem": "{name} buys a coat for ${price} with {off}% off. How many dollars does {name} pay?",
+             "constraints": ["price * off % 100 == 0"],
+             "steps": [{"name": "step1", "expr": "price * off / 100", "text": "The discount is ${step1}."},
+                       {"name": "step2", "expr": "price - step1", "text": "{name} pays ${step2}."}],
+             "answer": {"expr": "step2", "type": "integer", "places": 0}}
+
+
+def _valid(schema: dict, value: dict) -> bool:
+    try:
+        jsonschema.validate(value, schema)
+        return True
+    except jsonschema.ValidationError:
+        return False
+
+
+def test_the_text_schema_admits_a_good_text_and_it_verifies():
+    schema = writing.text_schema(VARIABLES)
+    assert _valid(schema, GOOD_TEXT)
+    verdict = verify_template(writing.assemble("discount", VARIABLES, GOOD_TEXT), k=8)
+    assert verdict.accepted, (verdict.reason, verdict.details)
+
+
+@pytest.mark.parametrize("change, why", [
+    (lambda t: t.update(problem="{name} buys a coat for ${cost}. How much?"), "an undeclared name in the text"),
+    (lambda t: t.update(problem="{name} buys a coat for ${price}. How much does {name} pay?"),
+     "a variable missing from the text"),
+    (lambda t: t.update(problem="{name} buys a coat for ${price} with {off}% off."), "not a question"),
+    (lambda t: t["steps"][0].update(expr="price * discount / 100"), "an undeclared name in an expression"),
+    (lambda t: t["steps"][0].update(expr="price * (off / 100"), "an expression that does not parse"),
+    (lambda t: t["steps"][0].update(expr="step2 + 1"), "a step used before it is computed"),
+    (lambda t: t["steps"][0].update(name="discount"), "a step name of its own"),
+    (lambda t: t["steps"][1].update(text="{name} pays {total}."), "an undeclared placeholder in a step"),
+    (lambda t: t["answer"].update(expr="price - step1"), "an answer that is not a step"),
+    (lambda t: t["steps"][0].update(expr="name * 2"), "a word variable in arithmetic"),
+])
+def test_the_text_schema_refuses_what_the_verifier_would(change, why):
+    text = json.loads(json.dumps(GOOD_TEXT))
+    change(text)
+    assert not _valid(writing.text_schema(VARIABLES), text), why
+
+
+def test_ranges_are_consistent_by_construction():
+    parsed = {"skill": "sale", "variables": [{"name": "name", "type": "choice", "list": "names"},
+                                          {"name": "n", "type": "integer", "min": 7, "count": 5, "step": 3}]}
+    assert _valid(writing.variables_schema(), parsed)
+    variables, reason = writing.check_variables(parsed)
+    assert reason is None and variables[1] == {"name": "n", "type": "integer", "min": 7, "max": 19, "step": 3}
+    for bad, code in ((["n", "n"], "duplicate_name"), (["max", "n"], "reserved_name")):
+        vs = [{"name": x, "type": "integer", "min": 1, "count": 3, "step": 1} for x in bad]
+        assert writing.check_variables({"skill": "s", "variables": vs})[1] == code
+    assert not _valid(writing.variables_schema(), {"skill": "s", "variables": [
+        {"name": "n", "type": "integer", "min": 1, "max": 9, "step": 2}, parsed["variables"][0]]})  # no max
+
+
+def test_seed_examples_in_the_two_phase_form_verify():
+    examples = writing.two_phase_examples()
+    assert len(examples) >= 5
+    for x in examples:
+        variables, reason = writing.check_variables({"skill": x["skill"], "variables": x["variables"]})
+        assert reason is None
+        verdict = verify_template(writing.assemble(x["skill"], variables, x["text"]), k=4)
+        assert verdict.accepted, (x["skill"], verdict.reason, verdict.details)
+
+
+def test_the_revision_schema_asks_for_a_verdict_first():
+    schema = writing.revision_schema(VARIABLES)
+    assert list(schema["properties"])[0] == "verdict"
+    assert _valid(schema, {"verdict": "wrong", **GOOD_TEXT}) and not _valid(schema, GOOD_TEXT)
+
+
+def test_expression_language_examples():
+    pattern = writing.expr_pattern(["a", "ab", "b"])
+    for ok in ("a + b", "ab * 2", "(a + b) / 2", "a % 3", "3 * (2 + b)"):
+        assert re.fullmatch(pattern, ok), ok
+    for bad in ("a+b", "a ** 2", "sqrt(a)", "((a + b) * 2) / 3", "abc", "12", "2 * (3 + 4)"):
+        assert not re.fullmatch(pattern, bad), bad
