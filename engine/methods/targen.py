@@ -238,6 +238,9 @@ class Config(BaseModel):
     """Step 1: contexts per list."""
     seeds_per_context: int = Field(4, ge=1, le=50)
     """Step 2: instance seeds per distinct context."""
+    attempts: int = Field(3, ge=1, le=10)
+    """Steps 1-2: tries (distinct seeds) of a context or seed list that is rejected (truncated, or an item cut
+    at its maxLength by the quality gate)."""
     overgenerate: float = Field(1.5, ge=1.0, le=10.0)
     """Step 3: a round asks ceil(deficit x overgenerate) instances per short label, for rejects and changes."""
     max_rounds: int = Field(4, ge=1, le=50)
@@ -380,11 +383,11 @@ def pipeline(config: Config, ctx: Context) -> Pipeline:
     return Pipeline(
         stages=[
             Generate("contexts", items=lambda: range(config.context_requests), request=context_request,
-                     parse=context_row, constraints=(contexts_schema,)),
+                     parse=context_row, constraints=(contexts_schema,), attempts=config.attempts),
             Generate("seeds", reads=Whole("contexts"),
                      items=lambda reader, round_: distinct_items(reader.rows("contexts"), "contexts"),
                      ident=lambda item: [item[0]["key"], item[1]], request=seed_request, parse=seed_row,
-                     constraints=(seeds_schema,)),
+                     constraints=(seeds_schema,), attempts=config.attempts),
             Generate("instances", reads=Whole("seeds", "instances", "corrections"), rounds=config.max_rounds,
                      items=instance_items, ident=lambda item: [item["label"], item["attempt"]],
                      request=instance_request, parse=instance_row(spec), constraints=(spec.constraint(),),

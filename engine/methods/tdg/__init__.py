@@ -34,7 +34,7 @@ from engine.methods.tdg.instantiate import TemplateSpec, instantiate
 from engine.methods.tdg.sandbox import run_solutions, same_answer
 from engine.methods.tdg.template import DATA_DIR, SCHEMA_PATH, word_lists
 from engine.methods.tdg.verify import verify_template, verify_templates
-from engine.pipeline.stages import Compute, Each, Generate, Pipeline, Publish
+from engine.pipeline.stages import Compute, Each, Generate, Pipeline, Publish, Whole
 from engine.prompting import render
 from engine.request import Request, Result, Sampling, stable_hash
 
@@ -70,6 +70,9 @@ class Config(BaseModel):
     writing: Literal["two_phase", "one_request"] = "two_phase"
     """How the model writes a template: two constrained requests (variables, then text whose schema names
     them: writing.py), or the whole template in one request under grammars/tdg/meta_template.schema.json."""
+    attempts: int = Field(3, ge=1, le=10)
+    """With two_phase: tries (distinct seeds) of a variables or text request whose output is unusable
+    (truncated, a name declared twice); a text that does not verify is not retried: it goes to the revision."""
     revise: bool = True
     """With two_phase: the critique-and-revise round (the model judges a draft shown with one of its problems
     and the computed answer, or with the verifier's reason, and writes it again; verified again)."""
@@ -287,17 +290,20 @@ def revision_row(config: Config):
 
 
 def final_template_rows(config: Config):
-    """revision (or draft, without the round) -> the template row, or a reject with the final reason: the
-    revision when it verifies, else the draft when it did."""
-    def rows(row: dict):
-        chosen = row if row.get("accepted") else row.get("draft") if row.get("draft", {}).get("accepted") else None
-        key = stable_hash(["tdg-template", row["key"]])
-        meta = {"topic": row.get("topic"), "example_id": row.get("example_id"), "writing": "two_phase",
-                "from": ("revision" if chosen is row and "draft" in row else "draft") if chosen else None}
-        if chosen is None:
-            yield {**_template_fields(row), **meta, "key": key}, row.get("reason") or "rejected"
-        else:
-            yield {**_template_fields(chosen), **meta, "key": key}, None
+    """(reader, round) -> per draft, the template row or a reject with the final reason: its revision when that
+    verifies, else the draft when it did. Read once every revision is done (a revision the quality gates
+    rejected, or none, leaves the draft)."""
+    def rows(reader, _round: int):
+        revisions = {r["draft_key"]: r for r in reader.rows("revisions")} if config.revise else {}
+        for draft in reader.rows("drafts"):
+            revision = revisions.get(draft["key"])
+            chosen = (revision if revision is not None and revision.get("accepted")
+                      else draft if draft.get("accepted") else None)
+            final = chosen or revision or draft
+            meta = {"topic": draft.get("topic"), "example_id": draft.get("example_id"), "writing": "two_phase",
+                    "from": None if chosen is None else "revision" if chosen is revision else "draft"}
+            row = {**_template_fields(final), **meta, "key": stable_hash(["tdg-template", draft["key"]])}
+            yield row, (None if chosen is not None else final.get("reason") or "rejected")
     return rows
 
 
@@ -521,15 +527,16 @@ def model_template_stages(config: Config, model: str) -> list:
                          parse=template_row(config))]
     stages = [
         Generate("template_variables", items=lambda: template_tasks(config), request=variables_request(config, model),
-                 parse=variables_row),
+                 parse=variables_row, attempts=config.attempts),
         Generate("drafts", reads=Each("template_variables"), items=lambda row: [row],
-                 request=draft_request(config, model), parse=draft_row(config)),
+                 request=draft_request(config, model), parse=draft_row(config), attempts=config.attempts),
     ]
     if config.revise:
         stages.append(Generate("revisions", reads=Each("drafts"), items=lambda row: [row],
                                request=revision_request(config, model), parse=revision_row(config)))
-    stages.append(Compute("templates", reads=Each("revisions" if config.revise else "drafts"),
-                          rows=final_template_rows(config), figures=writing_figures(config)))
+    reads = Whole("drafts", "revisions") if config.revise else Whole("drafts")
+    stages.append(Compute("templates", reads=reads, rows=final_template_rows(config),
+                          figures=writing_figures(config)))
     return stages
 
 

@@ -30,7 +30,8 @@ from engine.methods.tdg.template import DATA_DIR, word_lists
 GRAMMARS = Path(__file__).resolve().parents[3] / "grammars" / "tdg"
 VARIABLES_SCHEMA = GRAMMARS / "variables.schema.json"
 MAX_STEPS = 4
-SEGMENT = 150  # most characters between two placeholders of a problem text (a GSM8K problem is ~200 in all)
+SEGMENT = 70  # most characters between two placeholders of a problem text: 5 variables stay under the
+# verifier's 1,000 characters (a GSM8K problem is ~200 in all)
 RESERVED = {"and", "or", "not", "in", "is", "if", "else", "min", "max", "abs", "round", "floor", "ceil", "gcd",
             "lcm", "sqrt", "true", "false", "none", "result", "solution", "math"}
 """Names the expression language or the compiled code already use: a variable named so is a reject."""
@@ -59,6 +60,24 @@ def expr_pattern(names: Iterable[str]) -> str:
     return f"(?:{atom} [-+*/%] ){{0,3}}{named}(?: [-+*/%] {atom}){{0,3}}"
 
 
+def covering_pattern(names: Iterable[str], required: list[str]) -> str:
+    """A flat expression (no parentheses) over `names` and whole numbers that uses every one of `required`, in
+    that order, with up to two other operands around each: the first step of a template, so that every number
+    the problem gives goes into the answer (a variable shown but unused is the commonest reject otherwise).
+
+    >>> p = covering_pattern(["price", "off", "step1"], ["price", "off"])
+    >>> bool(re.fullmatch(p, "price * off / 100")), bool(re.fullmatch(p, "off * price")), bool(re.fullmatch(p, "price"))
+    (True, False, False)
+    """
+    term, op = f"(?:{_alternatives(names)}|{NUMBER})", " [-+*/%] "
+    pattern = f"(?:{term}{op}){{0,2}}"
+    for i, name in enumerate(required):
+        if i:
+            pattern += f"(?:{op}{term}){{0,2}}{op}"
+        pattern += re.escape(name)
+    return pattern + f"(?:{op}{term}){{0,2}}"
+
+
 def problem_pattern(variables: list[str]) -> str:
     """Text whose only placeholders are `{variable}`, holding every variable (first uses in declared order),
     ending with a question mark.
@@ -71,18 +90,18 @@ def problem_pattern(variables: list[str]) -> str:
     """
     # Bounded repetitions, not maxLength: llguidance cannot intersect a maxLength with a pattern this size
     # ("unable to determine if regex is empty"). A small model's run-on text stops at the bound.
-    text = r"[^{}\n]"
-    any_placeholder = r"\{" + _alternatives(variables) + r"\}"
-    pattern = f"{text}{{0,{SEGMENT}}}"
+    text = f"[^{{}}\\n]{{1,{SEGMENT}}}"
+    again = r"(?:\{" + _alternatives(variables) + r"\}" + text + ")?"  # a variable named again, then text
+    pattern = f"[^{{}}\\n]{{0,{SEGMENT}}}"
     for v in variables:
-        pattern += r"\{" + re.escape(v) + r"\}" + f"(?:{text}|{any_placeholder}){{0,{SEGMENT}}}"
+        pattern += r"\{" + re.escape(v) + r"\}" + f"(?:{text}{again})?"
     return pattern + r"\?"
 
 
 def explanation_pattern(names: list[str]) -> str:
     """A sentence whose placeholders are `{name}` of `names`."""
     placeholder = r"\{" + _alternatives(names) + r"\}"
-    tail = f"(?:{placeholder}[^{{}}\\n]{{0,60}})"
+    tail = f"(?:{placeholder}[^{{}}\\n]{{0,60}})"  # the whole is bounded by the schema's maxLength (160)
     return f"(?:[^{{}}\\n]{{1,80}}{tail}{{0,4}}|{tail}{{1,5}})"  # not empty; starts with text or a placeholder
 
 
@@ -95,14 +114,17 @@ def text_schema(variables: list[dict]) -> dict:
     names = [v["name"] for v in variables]
     numeric = [v["name"] for v in variables if v["type"] != "choice"]
     steps = step_names()
+    first = covering_pattern(numeric, numeric)
     prefix = [{"type": "object",
                "properties": {"name": {"const": step},
-                              "expr": {"type": "string", "pattern": f"^{expr_pattern(numeric + steps[:i])}$"},
-                              "text": {"type": "string",
+                              "expr": {"type": "string", "maxLength": 100,
+                                       "pattern": f"^{first if i == 0 else expr_pattern(numeric + steps[:i])}$"},
+                              "text": {"type": "string", "maxLength": 160,
                                        "pattern": f"^{explanation_pattern(names + steps[:i + 1])}$"}},
                "required": ["name", "expr", "text"], "additionalProperties": False}
               for i, step in enumerate(steps)]
-    comparison = f"^{expr_pattern(numeric)} (?:==|!=|<|>|<=|>=) (?:{expr_pattern(numeric)}|{NUMBER})$"
+    term = f"(?:{_alternatives(numeric)}|{NUMBER})"
+    comparison = (f"^{_alternatives(numeric)}(?: [-+*/%] {term}){{0,2}} (?:==|!=|<|>|<=|>=) (?:{term}|0)$")
     return {
         "type": "object",
         "properties": {
@@ -185,9 +207,11 @@ def _converted(seed: dict) -> dict | None:
     renames = {s["name"]: f"step{i}" for i, s in enumerate(seed["steps"], 1)}
     rename = lambda text: re.sub(r"\b(" + "|".join(map(re.escape, renames)) + r")\b",  # noqa: E731
                                  lambda m: renames[m[1]], text)
+    order = {v["name"]: seed["problem"].find("{" + v["name"] + "}") % 10_000 for v in seed["variables"]}
+    ordered = sorted(seed["variables"], key=lambda v: order[v["name"]])  # declared as the text first names them
     variables = [v if v["type"] == "choice" else
                  {"name": v["name"], "type": "integer", "min": v["min"], "count": (v["max"] - v["min"]) // v["step"] + 1,
-                  "step": v["step"]} for v in seed["variables"]]
+                  "step": v["step"]} for v in ordered]
     text = {"problem": seed["problem"], "constraints": seed["constraints"],
             "steps": [{"name": renames[s["name"]], "expr": rename(s["expr"]), "text": rename(s["text"])}
                       for s in seed["steps"]],
