@@ -180,13 +180,13 @@ def _check_grammar_support(prompts: Path, config, default_schema, sampling) -> l
     """Every bad line of the prompts file (engine.prompts_file.check_lines, streaming), before an engine start
     of 70 s. On vLLM also: JSON Schema keywords the grammar backend cannot enforce; each distinct constraint
     validated as vLLM validates a request and compiled under `config.compile_timeout_s` in a worker process
-    (engine.validate.ConstraintChecker); each prompt counted with the model's tokenizer against the engine's
+    (engine.compiling.ConstraintChecker); each prompt counted with the model's tokenizer against the engine's
     context (max_model_len)."""
     from engine import models
     from engine.prompts_file import check_lines
     if config.backend != "vllm":
         return list(check_lines(prompts, default_schema=default_schema, defaults=sampling))
-    from engine.validate import ConstraintChecker
+    from engine.compiling import ConstraintChecker
     model_dir = models.prepare(config.model)
     checker = ConstraintChecker(model_dir, config.grammar_backend, compact=bool(config.engine.get("compact_json")),
                                 timeout=config.compile_timeout_s)

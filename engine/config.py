@@ -117,7 +117,7 @@ class RunConfig(BaseModel):
     seed: int = 0
     compile_timeout_s: float = Field(30.0, gt=0, exclude=True)
     """Seconds one distinct JSON Schema, regex or grammar may take to compile in `sdg generate`'s preflight
-    (a worker process, killed past it; engine.validate.ConstraintChecker) before the engine starts. vLLM has no
+    (a worker process, killed past it; engine.compiling.ConstraintChecker) before the engine starts. vLLM has no
     such limit (vllm issue #54003). Not part of the run's identity."""
     store: StoreSettings = Field(default_factory=StoreSettings)
     parallel: ParallelSettings = Field(default_factory=ParallelSettings)

@@ -124,7 +124,7 @@ def test_the_compile_limit_holds(model_dir):
     """The checker behind the preflight answers within the limit (plus the kill), whatever the compile would take,
     and compiles the next constraint in a fresh worker. Timed apart from the worker's start-up (vLLM imported),
     which a loaded machine stretches."""
-    from engine.validate import ConstraintChecker
+    from engine.compiling import ConstraintChecker
     checker = ConstraintChecker(model_dir, "xgrammar", timeout=2)
     try:
         assert checker.check("regex", "[a-z]+") is None  # the worker is up

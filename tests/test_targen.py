@@ -21,7 +21,7 @@ from engine.store import RunStore
 SPECS = sorted((ROOT / "configs" / "targen").glob("*.yaml"))
 STAGES = ("contexts", "seeds", "instances", "corrections", "dataset")
 PARAMS = {"task": str(ROOT / "configs" / "targen" / "copa.yaml"), "rows": 6, "context_requests": 1,
-          "contexts_per_request": 3, "seeds_per_context": 3, "overgenerate": 3.0, "max_rounds": 8,
+          "contexts_per_request": 3, "seeds_per_context": 3, "overgenerate": 5.0, "max_rounds": 10,
           "on_label_change": "keep_both",
           "sampling": {"max_tokens": 200, "temperature": 0.8, "top_p": 0.95},
           "correction_sampling": {"max_tokens": 120, "temperature": 0.0}}
@@ -109,7 +109,8 @@ def test_fields_hold_the_task_schema(copa):
     for r in copa["rows"]["dataset"]:
         jsonschema.validate({f: r[f] for f in spec.fields}, spec.instance_schema())
     for r in copa["store"].rejects("instances"):
-        assert r["reason"].split(":")[0] in {"truncated", "invalid_json", "schema", "check"}, r["reason"]
+        assert r["reason"].split(":")[0] in {"truncated", "invalid_json", "schema", "check", "choices_not_distinct",
+                                             "cut_at_max_length", "repetition"}, r["reason"]
 
 
 def test_label_balance_matches_the_target(copa):

@@ -34,10 +34,12 @@ def test_shipped_config_shows_what_it_implies():
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
     out = proc.stdout
     # 3 topics + 3 example problems, 2 templates each; 768 output tokens at most per request
-    assert "templates       model    12 requests; prompt tokens " in out
+    assert "template_variables  model    12 requests; prompt tokens " in out
     assert "output at most 9,216 tokens" in out
-    assert "problems        computed computed, no model [reads each row of seed_templates, templates]" in out
-    assert "JSON Schema 'TDG meta-template v1'" in out and "[templates]: compiled in" in out
+    assert "drafts              model    1 request per parent row" in out  # a schema built from the variables
+    assert ("problems            computed computed, no model [reads each row of seed_templates, templates, "
+            "file_templates]") in out
+    assert "JSON Schema 'TDG template variables v1'" in out and "[template_variables]: compiled in" in out
     assert out.rstrip().endswith("ok: no problem found")
 
 

@@ -191,8 +191,9 @@ class Executor:
 
     def __init__(self, pipeline: Pipeline, store, engines: dict[str, Callable[[], Any]], *, seed: int = 0,
                  replica: tuple[int, int] = (0, 1), sync=None, quality=None, progress: bool = True,
-                 streaming: bool = True) -> None:
+                 streaming: bool = True, checker=None) -> None:
         self.pipeline, self.store, self.seed, self.replica = pipeline, store, seed, replica
+        self.checker = checker  # compiles each distinct constraint under a time limit first (validate.py)
         self.sync, self.streaming, self.progress = sync, streaming, progress
         self.reader = Reader(store, quality)
         self.gates = Gates(quality)  # generic quality gates, after a stage's parse accepts a row
@@ -388,6 +389,11 @@ class Executor:
             return
         identity = repr(request.constraint.identity())
         if identity not in self._checked_identities:
+            if self.checker is not None:  # bounded: vLLM has no compile timeout of its own
+                from engine.constraints import ConstraintError
+                verdict = self.checker.check(request.constraint.kind, request.constraint.spec)
+                if verdict is not None:
+                    raise ConstraintError(f"{verdict[0]}: {verdict[1]}")
             backend.preflight([request])
             self._checked_identities.add(identity)
         self._checked.add(id(request.constraint))

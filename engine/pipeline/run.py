@@ -195,14 +195,22 @@ def run_method(config: RunConfig, out: Path, *, new: bool = False, stop_after: s
                           start_engine=starter, progress=progress, run_id=store.config_hash[:16],
                           stop_after=stop_after)
     pipeline = build_pipeline(config, params, ctx)
+    checker = None
+    if engines is None and config.backend == "vllm":  # every constraint compiles under a limit in the run too
+        from engine.compiling import ConstraintChecker
+        checker = ConstraintChecker(model_dir, config.grammar_backend, compact=bool(config.engine.get("compact_json")),
+                                    timeout=config.compile_timeout_s)
     executor = Executor(pipeline, store, engines or {"main": starter(model_dir)}, seed=config.seed,
-                        replica=replica, sync=sync, quality=quality, progress=progress, streaming=streaming)
+                        replica=replica, sync=sync, quality=quality, progress=progress, streaming=streaming,
+                        checker=checker)
     try:
         complete = executor.run(stop_after)
     finally:
         store.commit()
         if engines is None:
             executor.close_engines()
+        if checker is not None:
+            checker.close()
     if sync is not None:
         sync.finish()  # every replica's work is committed before replica 0 publishes
     stats = executor.generated()
