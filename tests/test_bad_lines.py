@@ -168,3 +168,42 @@ def test_the_prompts_file_is_streamed(tmp_path):
     assert first[:2] == (0, 1) and waited < 10, (first, waited)
     assert [item[:2] for item in items] == [(1, 2)]
     writer.join()
+
+
+def test_in_the_run_a_slow_constraint_is_bounded_too(tmp_path, vllm_backend, model_dir):
+    """In a run (`sdg run` builds the executor with a checker), each distinct constraint is compiled under the
+    limit before the engine sees it: one an item built (here a prompts line's) becomes that request's reject
+    (`constraint_refused: compile_timeout`) and the run goes on; one the stage declares fails the run with an
+    error naming it. The checker compiles with xgrammar (which stalls on nested oneOf), the engine is the
+    session's."""
+    from engine.compiling import ConstraintChecker
+    from engine.constraints import Constraint, ConstraintError
+    from engine.methods import Context, generate
+    from engine.pipeline.core import Executor, result_row
+    from engine.pipeline.stages import Generate, Pipeline, Publish
+    from engine.request import Request, Sampling
+    from engine.store import RunStore
+    prompts = _write(tmp_path / "p.jsonl", [{"prompt": "A year:", "regex": "(19|20)[0-9]{2}", "max_tokens": 4},
+                                            {"id": "slow", "prompt": "x", "schema": nested_one_of(8)}])
+    config = generate.Config(prompts=prompts, sampling=Sampling(max_tokens=4))
+    checker = ConstraintChecker(model_dir, "xgrammar", timeout=2)
+    try:
+        with RunStore.open(tmp_path / "run", {"method": "generate"}) as store:
+            pipeline = generate.pipeline(config, Context(out=store.out, progress=False))
+            started = time.perf_counter()
+            assert Executor(pipeline, store, {"main": lambda: vllm_backend}, progress=False, checker=checker).run()
+            assert time.perf_counter() - started < 120  # the worker's start-up, the 2 s limit, one short output
+            assert len(store.rows("generate")) == 1
+            (reject,) = store.rejects("generate")
+            assert reject["reason"].startswith("constraint_refused: compile_timeout: did not compile within 2 s")
+        slow = Constraint.json_schema(nested_one_of(8))
+        declared = Pipeline([Generate("s", items=lambda: [0], parse=result_row, constraints=(slow,),
+                                      request=lambda item, seed: Request.build(
+                                          stage="s", model="m", prompt="x", constraint=slow,
+                                          sampling=Sampling(max_tokens=4), seed=seed))], Publish("s", ["output"]))
+        with RunStore.open(tmp_path / "run2", {"method": "x"}) as store:
+            with pytest.raises(ConstraintError, match="compile_timeout"):
+                Executor(declared, store, {"main": lambda: vllm_backend}, progress=False, checker=checker).run()
+            assert store.rows("s") == []
+    finally:
+        checker.close()

@@ -78,6 +78,21 @@ def covering_pattern(names: Iterable[str], required: list[str]) -> str:
     return pattern + f"(?:{op}{term}){{0,2}}"
 
 
+def constraint_pattern(numeric: list[str]) -> str:
+    """The two kinds of condition a template needs, and no others: divisibility, so that an answer is whole
+    ("price * off % 100 == 0"), and an order between two different variables ("bill > cost"). A condition that
+    pins a variable ("speed == 10") is what a small model writes otherwise, and no draw satisfies it.
+
+    >>> p = constraint_pattern(["a", "b"])
+    >>> [bool(re.fullmatch(p, c)) for c in ("a * b % 100 == 0", "b > a", "a == 10", "a > a")]
+    [True, True, False, False]
+    """
+    term = f"(?:{_alternatives(numeric)}|{NUMBER})"
+    divisible = f"{_alternatives(numeric)}(?: [-+*] {term})? % {term} == 0"
+    pairs = [f"{re.escape(a)} [<>] {re.escape(b)}" for a in numeric for b in numeric if a != b]
+    return f"(?:{divisible}|{'|'.join(pairs)})" if pairs else divisible
+
+
 def problem_pattern(variables: list[str]) -> str:
     """Text whose only placeholders are `{variable}`, holding every variable (first uses in declared order),
     ending with a question mark.
@@ -123,8 +138,7 @@ def text_schema(variables: list[dict]) -> dict:
                                        "pattern": f"^{explanation_pattern(names + steps[:i + 1])}$"}},
                "required": ["name", "expr", "text"], "additionalProperties": False}
               for i, step in enumerate(steps)]
-    term = f"(?:{_alternatives(numeric)}|{NUMBER})"
-    comparison = (f"^{_alternatives(numeric)}(?: [-+*/%] {term}){{0,2}} (?:==|!=|<|>|<=|>=) (?:{term}|0)$")
+    comparison = f"^{constraint_pattern(numeric)}$"
     return {
         "type": "object",
         "properties": {
