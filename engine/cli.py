@@ -232,7 +232,7 @@ def _context_check(model_dir: Path, config):
 
 def cmd_run(args) -> int:
     from engine.config import ConfigError
-    from engine.pipeline.run import check_stop_after, load_run_config
+    from engine.pipeline.run import check_stop_after
     if args.plan:
         from engine.plan import plan, render
         print(render(plan(args.config, model=args.model)))
@@ -241,12 +241,30 @@ def cmd_run(args) -> int:
         return cmd_validate(args)
     if args.out is None:
         raise ConfigError("sdg run needs --out DIR (the run directory), unless --plan or --dry-run")
-    config = load_run_config(args.config)
+    config = _checked_run_config(args.config)
     for flag in ("model", "backend", "grammar_backend"):
         if getattr(args, flag):
             setattr(config, flag, getattr(args, flag))
     check_stop_after(config, args.stop_after)  # for every method, before any model loads or replica starts
     return _launch(config, args, stop_after=args.stop_after)
+
+
+def _checked_run_config(path: Path):
+    """The run config at `path` with its method's params checked; on bad input one error naming every problem
+    found (the checks of `sdg validate`, without compiling or loading a model), not only the first."""
+    from engine.config import ConfigError
+    from engine.pipeline.run import load_run_config, method_config
+    try:
+        config = load_run_config(path)
+        method_config(config)
+        return config
+    except user_errors() as first:
+        from engine.validate import check
+        problems = check(path, compile=False).problems
+        if len(problems) <= 1:
+            raise
+        raise ConfigError(f"{path}: {len(problems)} problems: " + "; ".join(p.replace(f"{path}: ", "")
+                                                                         for p in problems)) from first
 
 
 def _launch(config, args, stop_after: str | None) -> int:

@@ -97,3 +97,16 @@ def test_unreadable_config_is_one_problem(tmp_path):
     proc = sdg("validate", str(tmp_path / "nope.yaml"))
     assert proc.returncode == 2
     assert "error: config file not found" in proc.stdout
+
+
+def test_sdg_run_names_every_problem_of_a_config_at_once(tmp_path):
+    """Not only the first: a bad top-level field and three bad params of the method, in one error line."""
+    config = tmp_path / "bad.yaml"
+    config.write_text("method: glan\nseed: x\nparams:\n  num_rows: -5\n  attempts: 0\n  nonsense: 1\n")
+    proc = sdg("run", str(config), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "4 problems" in errors[0]
+    for field in ("seed", "num_rows", "attempts", "nonsense"):
+        assert field in errors[0]
+    assert not (tmp_path / "out").exists()
