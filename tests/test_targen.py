@@ -285,7 +285,7 @@ def test_rounds_plan_from_earlier_rounds_only():
     """Round r asks ceil(deficit x overgenerate) per short label from the rows of rounds < r (a later round's rows
     change nothing), numbering each label's attempts on from the earlier rounds; a round whose previous round
     has instances but no corrections at all (a launch stopped after "instances") asks nothing."""
-    config = targen.Config.model_validate(PARAMS)  # 3 + 3 rows, overgenerate 3
+    config = targen.Config.model_validate({**PARAMS, "overgenerate": 3.0})  # 3 + 3 rows, overgenerate 3
     stage = targen.pipeline(config, Context(out=Path("."))).stage("instances")
     seeds = [{"key": "s", "seeds": ["x", "y"], "context_key": "c", "context_index": 0, "context": "a kitchen"}]
     round1 = [_instance("i1", 1, "choice1"), _instance("i2", 1, "choice1"), _instance("i3", 1, "choice2")]
