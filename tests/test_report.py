@@ -144,7 +144,7 @@ def _sample_texts(browser) -> list[str]:
 
 def test_tdg_report_in_a_browser(runs, browser):
     from selenium.webdriver.common.by import By
-    expected = {"funnel", "throughput", "lengths-templates", "tdg-verdicts", "tdg-rows-per-template", "decontam"}
+    expected = {"funnel", "throughput", "lengths-template_variables", "tdg-verdicts", "tdg-rows-per-template", "decontam"}
     _check_page(browser, runs["reports"]["tdg"], expected)
     texts = _sample_texts(browser)
     assert any(SCRIPT in t for t in texts), "the topic holding <script> must be shown as text"
@@ -155,7 +155,7 @@ def test_tdg_report_in_a_browser(runs, browser):
 
 def test_tdg_report_of_a_run_in_progress(runs, browser):
     from selenium.webdriver.common.by import By
-    _check_page(browser, runs["reports"]["tdg-progress"], {"funnel", "lengths-templates", "tdg-verdicts"})
+    _check_page(browser, runs["reports"]["tdg-progress"], {"funnel", "lengths-template_variables", "tdg-verdicts"})
     page = browser.find_element(By.TAG_NAME, "body").text
     assert "in progress or not published" in page and "Not published yet" in page
     assert any(SCRIPT in t for t in _sample_texts(browser))
