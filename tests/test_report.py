@@ -144,7 +144,8 @@ def _sample_texts(browser) -> list[str]:
 
 def test_tdg_report_in_a_browser(runs, browser):
     from selenium.webdriver.common.by import By
-    expected = {"funnel", "throughput", "lengths-template_variables", "tdg-verdicts", "tdg-rows-per-template", "decontam"}
+    expected = {"funnel", "throughput", "lengths-template_variables", "tdg-verdicts", "tdg-rows-per-template",
+                "decontam"}
     _check_page(browser, runs["reports"]["tdg"], expected)
     texts = _sample_texts(browser)
     assert any(SCRIPT in t for t in texts), "the topic holding <script> must be shown as text"
