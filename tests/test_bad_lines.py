@@ -183,7 +183,7 @@ def test_in_the_run_a_slow_constraint_is_bounded_too(tmp_path, vllm_backend, mod
     from engine.pipeline.stages import Generate, Pipeline, Publish
     from engine.request import Request, Sampling
     from engine.store import RunStore
-    prompts = _write(tmp_path / "p.jsonl", [{"prompt": "A year:", "regex": "(19|20)[0-9]{2}", "max_tokens": 4},
+    prompts = _write(tmp_path / "p.jsonl", [{"prompt": "Yes or no?", "choices": ["yes", "no"]},
                                             {"id": "slow", "prompt": "x", "schema": nested_one_of(8)}])
     config = generate.Config(prompts=prompts, sampling=Sampling(max_tokens=4))
     checker = ConstraintChecker(model_dir, "xgrammar", timeout=2)
@@ -193,8 +193,9 @@ def test_in_the_run_a_slow_constraint_is_bounded_too(tmp_path, vllm_backend, mod
             started = time.perf_counter()
             assert Executor(pipeline, store, {"main": lambda: vllm_backend}, progress=False, checker=checker).run()
             assert time.perf_counter() - started < 120  # the worker's start-up, the 2 s limit, one short output
-            assert len(store.rows("generate")) == 1
-            (reject,) = store.rejects("generate")
+            rejects = store.rejects("generate")
+            assert len(store.rows("generate")) == 1, [(r["reason"], r["row"].get("prompt")) for r in rejects]
+            (reject,) = rejects
             assert reject["reason"].startswith("constraint_refused: compile_timeout: did not compile within 2 s")
         slow = Constraint.json_schema(nested_one_of(8))
         declared = Pipeline([Generate("s", items=lambda: [0], parse=result_row, constraints=(slow,),
