@@ -57,10 +57,10 @@ backend: vllm
 engine: {max_num_seqs: 1}
 seed: 6
 store: {commit_rows: 1, commit_seconds: 60}
-params: {taxonomy_file: TAXONOMY, subject_samples: 1, subjects_per_discipline: 1, num_rows: 2, max_rounds: 2,
+params: {taxonomy_file: TAXONOMY, subject_samples: 1, subjects_per_discipline: 1, num_rows: 2, max_rounds: 4,
          levels: [undergraduate], subjects_per_level: 2, max_sessions: 4,
          subject_sampling: {max_tokens: 256, temperature: 0.8}, syllabus_sampling: {max_tokens: 300, temperature: 0.7},
-         question_sampling: {max_tokens: 120, temperature: 0.8}, answer_sampling: {max_tokens: 120, temperature: 0.3}}
+         question_sampling: {max_tokens: 120, temperature: 0.8}, answer_sampling: {max_tokens: 400, temperature: 0.3}}
 """,
 }
 KILLS = {"echo": ["before_shard_write:2", "shard_write:3", "after_rename:2", "manifest_write:2", "after_commit:4"],
