@@ -99,7 +99,7 @@ def test_method_end_to_end(tmp_path):
     bad = dict(SEEDS[1], steps=[{"name": "dist", "expr": "speed * 3", "text": "{dist}"}], skill="bad")
     outputs = [(json.dumps(good), "stop"), (json.dumps(bad), "stop"), ('{"skill": "x", "vari', "length")]
     config = tdg.Config(topics=["speed", "fractions", "money"], templates_per_topic=1, problems_per_template=5,
-                        verify_instances=4, few_shot=1, writing="one_request")  # the scripted outputs are whole templates
+                        verify_instances=4, few_shot=1, writing="one_request")  # scripted: whole templates
     store = RunStore.open(tmp_path / "run", {"method": "tdg"})
     pipeline = tdg.pipeline(config, Context(out=store.out, progress=False))
     assert pipeline.publish.stage == "problems"
