@@ -211,7 +211,7 @@ def draft_request(config: Config, model: str):
         shots = rng.sample(examples, min(max(config.few_shot, 1), len(examples)))
         user = render("tdg/write_text.jinja", skill=row["skill"], problem=row["problem"],
                       variables=writing.describe(row["variables"]),
-                      examples=[{"variables": writing.describe(_ranges(x["variables"])),
+                      examples=[{"variables": writing.describe(writing.as_ranges(x["variables"])),
                                  "json": writing.shown(x["text"])} for x in shots])
         return Request.build(stage="drafts", model=model, seed=seed, sampling=config.sampling,
                              constraint=Constraint.json_schema(writing.text_schema(row["variables"])),
@@ -219,12 +219,6 @@ def draft_request(config: Config, model: str):
                              meta={k: row[k] for k in ("topic", "example_id", "repeat", "skill", "variables")}
                              | {"variables_key": row["key"]})
     return request
-
-
-def _ranges(variables: list[dict]) -> list[dict]:
-    """(min, count, step) integer variables as (min, max, step)."""
-    return [{"name": v["name"], "type": "integer", "min": v["min"], "max": v["min"] + v["step"] * (v["count"] - 1),
-             "step": v["step"]} if v["type"] == "integer" else v for v in variables]
 
 
 def _verified(config: Config, meta: dict, text: dict) -> dict:

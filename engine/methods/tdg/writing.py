@@ -172,16 +172,17 @@ def variables_schema() -> dict:
 
 
 # -------------------------------------------------------------------------------------------- parsing
+def as_ranges(variables: list[dict]) -> list[dict]:
+    """Variables of the first request's form, integer ranges as (min, count, step), in the template's form
+    (min, max, step): max = min + step x (count - 1)."""
+    return [{"name": v["name"], "type": "integer", "min": v["min"], "max": v["min"] + v["step"] * (v["count"] - 1),
+             "step": v["step"]} if v["type"] == "integer" else v for v in variables]
+
+
 def check_variables(parsed: dict) -> tuple[list[dict], str | None]:
     """The first request's variables with integer ranges as (min, max, step); a reason when unusable (two
     variables with one name, or a name the expressions reserve)."""
-    variables = []
-    for v in parsed["variables"]:
-        if v["type"] == "choice":
-            variables.append({"name": v["name"], "type": "choice", "list": v["list"]})
-        else:
-            variables.append({"name": v["name"], "type": "integer", "min": v["min"],
-                              "max": v["min"] + v["step"] * (v["count"] - 1), "step": v["step"]})
+    variables = as_ranges(parsed["variables"])
     names = [v["name"] for v in variables]
     if len(set(names)) != len(names):
         return variables, "duplicate_name"
@@ -230,8 +231,7 @@ def _converted(seed: dict) -> dict | None:
             "steps": [{"name": renames[s["name"]], "expr": rename(s["expr"]), "text": rename(s["text"])}
                       for s in seed["steps"]],
             "answer": {**seed["answer"], "expr": renames.get(seed["answer"]["expr"], seed["answer"]["expr"])}}
-    full = [{**v, "max": v["min"] + v["step"] * (v["count"] - 1)} if v["type"] == "integer" else v for v in variables]
-    schema = text_schema([{k: x for k, x in v.items() if k != "count"} for v in full])
+    schema = text_schema(as_ranges(variables))
     if not _matches(schema, text):
         return None
     return {"skill": seed["skill"], "variables": variables, "text": text}
