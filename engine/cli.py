@@ -4,7 +4,7 @@
     sdg generate --prompts FILE.jsonl --out DIR [--schema FILE] [--backend vllm|transformers] [--model PATH] ...
                  [--replicas N [--ray [ADDRESS]]]    (a one-stage pipeline: engine.methods.generate)
     sdg run CONFIG.yaml --out DIR [--new] [--stop-after STAGE] [--replicas N [--ray [ADDRESS]] [--engines-per-gpu K]]
-    sdg export DIR --format jsonl|parquet|templategsm --to PATH
+    sdg export DIR --format jsonl|parquet|templategsm|superglue --to PATH
     sdg tdg verify TEMPLATES.jsonl  |  sdg tdg instantiate TEMPLATES.jsonl -n N --out DIR
     sdg bench throughput|instantiate|replicas ...
 
@@ -93,9 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="export a run's dataset")
     export.add_argument("run_dir", type=Path)
-    export.add_argument("--format", required=True, choices=["jsonl", "parquet", "templategsm"],
+    export.add_argument("--format", required=True, choices=["jsonl", "parquet", "templategsm", "superglue"],
                         help="jsonl or parquet: one file; templategsm (TDG runs): a folder with "
-                        "templategsm.jsonl and its card")
+                        "templategsm.jsonl and its card; superglue (TarGEN runs): a folder with the task's "
+                        "official SuperGLUE JSON Lines layout")
     export.add_argument("--to", required=True, type=Path)
 
     tdg = sub.add_parser("tdg", help="TDG templates: verify a templates file, or instantiate it into a run")

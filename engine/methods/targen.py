@@ -618,3 +618,12 @@ def _json(value: Any) -> str:
 
 def _invalid(result: Result) -> str | None:
     return None if result.valid else (result.reason or "invalid")
+
+
+def _export_superglue(run_dir: Path, to: Path) -> int:
+    """`sdg export RUN --format superglue`: the official SuperGLUE layout of the run's task."""
+    from engine.methods.targen_superglue import export
+    return export(run_dir, to)
+
+
+EXPORTS = {"superglue": _export_superglue}
