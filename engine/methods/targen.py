@@ -4,27 +4,34 @@ Read top to bottom, like the paper. A task spec (configs/targen/<task>.yaml, `Ta
 instruction, the label set with what each label means for the fields, the instance fields with their JSON
 Schema, and few-shot examples we wrote; it is checked whole before anything is generated.
 
-  1. Stage "contexts".  `context_requests` requests, each a constrained list of `contexts_per_request`
-     domains/settings for the task (grammars/targen/contexts.schema.json).
+  1. Stage "contexts".  `context_requests` requests (by default in proportion to `rows`: one seed per published
+     row, `context_requests_for`), each a constrained list of `contexts_per_request` domains/settings for the
+     task (grammars/targen/contexts.schema.json).
   2. Stage "seeds".  Per distinct context (repeats across all lists dropped, so a whole read of "contexts"),
-     one constrained list of `seeds_per_context` instance seeds.
-  3. Stage "instances".  Label-constrained generation: every request fixes its label before generating and
-     pairs it with a seed (attempt j of label L uses seed j mod #seeds, so each seed meets every label); the
-     output is constrained by the task's field schema. Outputs that break the spec's `distinct`/`contains`
-     checks, or repeat a text field of a few-shot example (longer than 20 characters), are rejects with a
-     reason ("check: ..."), as are truncated ones.
-  4. Stage "corrections".  Self-correction: the model re-labels each instance as soon as it is committed, with
-     a short rationale, the label constrained to the label set. Both labels are kept; `disagreement` flags a
-     changed label.
+     one constrained list of `seeds_per_context` instance seeds; a seed that becomes a field holds that field's
+     schema.
+  3. Stage "instances".  Label-constrained generation: the engine fixes every request's label before generating
+     (balanced by `label_distribution`) and pairs it with a seed (attempt j of label L uses seed j mod #seeds,
+     so each seed meets every label). The seed becomes the spec's `seed_field` verbatim (the premise or
+     passage; `seed_as_field: false` lets the model rewrite it), the spec's `drawn` fields are fixed by the
+     engine too (COPA's question: cause/effect, balanced within each label), and the model writes the other
+     fields and an `explanation` of the label, constrained by their JSON Schema. Span offsets (WiC, WSC,
+     ReCoRD) are computed from the text (engine.methods.targen_tasks). Rejects with a reason: truncated or
+     invalid outputs, breaks of the spec's `distinct`/`contains`/`among` checks or a copied few-shot text
+     ("check: ..."), a span not in its text ("span: ...").
+  4. Stage "corrections".  Recheck: the model sees the instance, its explanation and its current label, and
+     answers a corrected explanation and a corrected label, constrained to the label set
+     (`show_label_in_correction: false`: it re-labels blind). `label_changed` flags a flip.
   5. Stage "dataset" (no model).  `on_label_change` decides what a changed label means:
-       relabel    publish the corrected label (the paper's choice; counts towards the corrected label)
+       relabel    publish the corrected label (the paper's choice, the default; counts towards that label)
        drop       publish only instances whose label the model confirmed (others: reject "label_changed")
-       keep_both  publish the target label, with `corrected_label` and `disagreement` beside it
-     Candidates the run's quality filters would remove (exact/near duplicates, contamination) are rejects
-     here ("quality_filter"), so the published count is reached after them. Per label, the first `target`
-     candidates by key are published; the rest are rejects "surplus". Its figures (rows, rounds, shortfall,
-     correction and disagreement rates, the corrections checked, rows and target per label) go to the
-     manifest once.
+       keep_both  publish the initial label
+     Every row keeps `initial_label`, `corrected_label`, `label_changed`, the corrected `explanation` and the
+     `initial_explanation`. Candidates the run's quality filters would remove (exact/near duplicates,
+     contamination) are rejects here ("quality_filter"), so the published count is reached after them. Per
+     label, the first `target` candidates by key are published; the rest are rejects "surplus". Its figures
+     (rows, rounds, shortfall, distinct contexts and seeds, flip rate overall and per initial label, rows and
+     target per label) go to the manifest once.
 
 Steps 3-4 run in rounds until every label has its target count (rows x label_distribution, largest
 remainder): round r asks ceil(deficit x overgenerate) new instances of each short label, at most `max_rounds`
@@ -48,12 +55,13 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import jsonschema
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from engine.config import ConfigError, load_yaml_mapping, validated
 from engine.constraints import Constraint, ConstraintError
 from engine.methods import Context, MethodError
+from engine.methods.targen_tasks import DERIVE, Span
 from engine.pipeline.stages import Compute, Each, Generate, Pipeline, Publish, Whole
 from engine.prompting import render
 from engine.quality import gates
@@ -64,8 +72,8 @@ log = logging.getLogger(__name__)
 GRAMMARS = Path(__file__).resolve().parents[2] / "grammars" / "targen"
 POLICIES = ("relabel", "drop", "keep_both")
 # Columns of a published row besides the task's fields: a field may not take one of these names.
-RESERVED = frozenset({"key", "task", "label", "target_label", "corrected_label", "disagreement", "rationale",
-                      "round", "attempt", "context", "context_key", "seed", "seed_key", "instance_key",
+RESERVED = frozenset({"key", "task", "label", "target_label", "initial_label", "corrected_label", "label_changed",
+                      "explanation", "initial_explanation", "round", "attempt", "context", "context_key", "seed", "seed_key", "instance_key",
                       "correction_key", "model", "sampling_seed", "fields"})
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _MENTION = re.compile(r"`([^`]+)`")  # a field or label named in prose: `premise`
@@ -80,13 +88,14 @@ class Label(BaseModel):
 
 
 class Example(BaseModel):
-    """A few-shot example, written by us: its label, its fields, and optionally why the label holds."""
+    """A few-shot example, written by us: its label, its fields, and why the label holds."""
 
     model_config = ConfigDict(extra="forbid")
     label: str
     fields: dict[str, Any]
-    rationale: str | None = None
-    """Shown in the self-correction prompt as the example's answer."""
+    explanation: str = Field(min_length=1, validation_alias=AliasChoices("explanation", "rationale"))
+    """Why the label holds: step 3 writes one with each instance, step 4 corrects it (`rationale:` is read as
+    the same, for specs written before step 3 wrote explanations)."""
 
 
 class TaskSpec(BaseModel):
@@ -114,6 +123,21 @@ class TaskSpec(BaseModel):
     """Groups of fields whose values must all differ (COPA: premise, choice1, choice2)."""
     contains: list[tuple[str, str]] = Field(default_factory=list)
     """[a, b] pairs: the value of field a must occur in field b, ignoring case (WiC: the word in each sentence)."""
+    seed_field: str | None = None
+    """Step 3: the field the seed becomes verbatim (premise, passage); the model writes the others. None: the
+    model writes every field around the seed (and `seed_as_field` has no effect)."""
+    drawn: dict[str, list] = Field(default_factory=dict)
+    """Fields whose value the engine draws per request, balanced within each label (COPA: question: [cause,
+    effect]); the model writes the others. Each value must validate against the field's schema."""
+    spans: list[Span] = Field(default_factory=list)
+    """Fields that are spans of another field, with the offset columns computed from the text (WiC, WSC,
+    ReCoRD); an instance whose span is not in its text is a reject ("span: ...")."""
+    among: list[tuple[str, str]] = Field(default_factory=list)
+    """[a, b] pairs: the value of field a must equal one item of the array field b, ignoring case (ReCoRD: the
+    answer is one of the entities)."""
+    derive: str | None = None
+    """A named derivation (engine.methods.targen_tasks.DERIVE) adding columns from the published label
+    (MultiRC: the answer list, each answer with its own label)."""
     source: str | None = None
     """The file the spec was read from (set when loaded)."""
 
@@ -139,7 +163,10 @@ class TaskSpec(BaseModel):
             _fail(f"fields: {e}")
         used = {"text_fields": self.text_fields or [],
                 "distinct": [f for group in self.distinct for f in group],
-                "contains": [f for pair in self.contains for f in pair]}
+                "contains": [f for pair in self.contains for f in pair],
+                "among": [f for pair in self.among for f in pair],
+                "seed_field": [self.seed_field] if self.seed_field else [], "drawn": list(self.drawn),
+                "spans": [f for span in self.spans for f in (span.field, span.within)]}
         prose = [self.instruction, self.context_hint, self.seed_hint] + [lb.meaning for lb in self.labels.values()]
         used["prose (backticks)"] = [m for text in prose for m in _MENTION.findall(text) if m not in self.labels]
         for where, names in used.items():
@@ -149,6 +176,19 @@ class TaskSpec(BaseModel):
                       f"(defined: {', '.join(self.fields)})")
         if any(len(group) < 2 for group in self.distinct):
             _fail("each `distinct` group needs at least two fields")
+        if self.derive is not None and self.derive not in DERIVE:
+            _fail(f"derive: unknown derivation {self.derive!r} (known: {', '.join(DERIVE)})")
+        if self.seed_field in self.drawn:
+            _fail(f"{self.seed_field!r} is both the seed_field and drawn")
+        columns = [c for span in self.spans for c in span.columns() if c != span.field]
+        clash = [c for c in columns if c in self.fields or c in RESERVED or columns.count(c) > 1]
+        if clash:
+            _fail(f"span column(s) {', '.join(map(repr, clash))} repeat a field, a reserved or another span column")
+        for name, values in self.drawn.items():
+            bad = [v for v in values if not jsonschema.validators.validator_for(self.fields[name])(
+                self.fields[name]).is_valid(v)]
+            if not values or bad:
+                _fail(f"drawn.{name}: needs values that hold the field's schema (bad: {bad})")
         validator = jsonschema.validators.validator_for(self.instance_schema())(self.instance_schema())
         for i, ex in enumerate(self.few_shot):
             if ex.label not in self.labels:
@@ -158,7 +198,7 @@ class TaskSpec(BaseModel):
             if error is not None:
                 at = "/".join(map(str, error.path))
                 _fail(f"few_shot[{i}].fields{'.' + at if at else ''}: {error.message} (must match `fields`)")
-            broken = self.check(ex.fields)
+            broken = self.check(ex.fields) or self.locate(ex.fields)[1]
             if broken and not broken.startswith("copied_example"):
                 _fail(f"few_shot[{i}] breaks the spec's own check: {broken}")
         return self
@@ -189,7 +229,32 @@ class TaskSpec(BaseModel):
         for a, b in self.contains:
             if norm[a] not in norm[b]:
                 return f"contains: {b} does not contain {a}"
+        for a, b in self.among:
+            if norm[a] not in {_norm(str(v)) for v in fields[b]}:
+                return f"among: {a} is not one of {b}"
         return None
+
+    def locate(self, fields: dict) -> tuple[dict, str | None]:
+        """The span columns of an instance ({"start1": 4, "end1": 8, ...}), or ({}, reason) for a span not found."""
+        columns: dict = {}
+        for span in self.spans:
+            found, reason = span.locate(fields)
+            if reason:
+                return {}, reason
+            columns.update(found)
+        return columns, None
+
+    def given(self, seed_as_field: bool) -> list[str]:
+        """Fields the engine fills before step 3 (the seed field, the drawn ones); the model writes the rest."""
+        return ([self.seed_field] if self.seed_field and seed_as_field else []) + list(self.drawn)
+
+    def generation_constraint(self, seed_as_field: bool) -> Constraint:
+        """Step 3's output: the fields the model writes, in order, then its `explanation` of the label."""
+        given = self.given(seed_as_field)
+        props = {f: s for f, s in self.fields.items() if f not in given}
+        props["explanation"] = {"type": "string", "minLength": 10, "maxLength": 200}
+        schema = {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
+        return _instance_constraint(json.dumps(schema))  # not sorted: the model writes the fields in order
 
 
     def _example_texts(self) -> frozenset[str]:
@@ -232,12 +297,16 @@ class Config(BaseModel):
     """Rows to publish, split over labels by `label_distribution`."""
     label_distribution: dict[str, float] | None = None
     """Target share per label (any positive weights; labels left out get 0). None: uniform."""
-    context_requests: int = Field(2, ge=1, le=10_000)
-    """Step 1: how many context lists to ask for (distinct seeds)."""
+    context_requests: int | None = Field(None, ge=1, le=100_000)
+    """Step 1: how many context lists to ask for. None: in proportion to `rows`, one seed per published row
+    (`context_requests_for`: ceil(rows / (contexts_per_request x seeds_per_context)))."""
     contexts_per_request: int = Field(5, ge=1, le=50)
     """Step 1: contexts per list."""
     seeds_per_context: int = Field(4, ge=1, le=50)
     """Step 2: instance seeds per distinct context."""
+    seed_as_field: bool = True
+    """Step 3: the seed becomes the spec's `seed_field` verbatim (the paper). False: the model rewrites it, writing
+    every field around the seed."""
     attempts: int = Field(3, ge=1, le=10)
     """Steps 1-2: tries (distinct seeds) of a context or seed list that is rejected (truncated, or an item cut
     at its maxLength by the quality gate)."""
@@ -247,10 +316,10 @@ class Config(BaseModel):
     """Steps 3-4 repeat until every label reaches its target or this many rounds have run."""
     on_label_change: Literal["relabel", "drop", "keep_both"] = "relabel"
     """What a label changed by self-correction means: publish the corrected label (the paper), drop the row,
-    or publish the target label with `corrected_label` and `disagreement` beside it."""
-    show_label_in_correction: bool = False
-    """Step 4: tell the model which label the instance was written for (the paper's verify-and-correct) or
-    let it re-label blind (default: no anchoring on the target label)."""
+    or publish the initial label (`corrected_label` and `label_changed` beside it, as always)."""
+    show_label_in_correction: bool = True
+    """Step 4: show the instance's current label and explanation and ask for a recheck (the paper), or
+    (False) let the model re-label blind, seeing neither."""
     few_shot: int | None = Field(None, ge=0)
     """How many of the spec's few-shot examples each prompt shows; None: all."""
     sampling: Sampling = Field(default_factory=lambda: Sampling(max_tokens=200, temperature=0.8, top_p=0.95))
@@ -280,6 +349,14 @@ class Config(BaseModel):
                 raise PydanticCustomError("label", "label_distribution weights must be >= 0 with a positive sum, "
                                                    f"got {self.label_distribution}")
         return self
+
+
+def context_requests_for(config: Config) -> int:
+    """Step 1's request count: `context_requests`, or one seed per published row when not set
+    (rows 100_000, 5 contexts x 4 seeds -> 5_000 requests; rows 6 -> 1)."""
+    if config.context_requests is not None:
+        return config.context_requests
+    return max(1, math.ceil(config.rows / (config.contexts_per_request * config.seeds_per_context)))
 
 
 def resolve_paths(params: dict, base: Path) -> dict:
@@ -317,11 +394,16 @@ def pipeline(config: Config, ctx: Context) -> Pipeline:
     rounds = Rounds(config, ctx, targets)
     # Built once: a request's constraint is the same object for the whole stage (the backend checks it once).
     contexts_schema = list_constraint("contexts.schema.json", "contexts", config.contexts_per_request)
-    seeds_schema = list_constraint("seeds.schema.json", "seeds", config.seeds_per_context)
+    seed_item = spec.fields[spec.seed_field] if spec.seed_field and config.seed_as_field else None
+    seeds_schema = list_constraint("seeds.schema.json", "seeds", config.seeds_per_context, seed_item)
     label_schema = correction_constraint(list(spec.labels))
-    instance_examples = [{"label": ex.label, "json": _json(ex.fields)} for ex in _examples(config)]
-    correction_examples = [{"json": _json(ex.fields), "answer": _json({"rationale": ex.rationale or "",
-                                                                       "label": ex.label})}
+    given = spec.given(config.seed_as_field)
+    generation = spec.generation_constraint(config.seed_as_field)
+    instance_examples = [{"label": ex.label, "given": _json({f: ex.fields[f] for f in given}),
+                          "json": _json({**{f: v for f, v in ex.fields.items() if f not in given},
+                                         "explanation": ex.explanation})} for ex in _examples(config)]
+    correction_examples = [{"json": _json(ex.fields), "label": ex.label, "explanation": ex.explanation,
+                            "answer": _json({"explanation": ex.explanation, "label": ex.label})}
                            for ex in _examples(config)]
 
     def request(stage: str, user: str, constraint: Constraint, sampling: Sampling, seed: int, salt: Any,
@@ -355,22 +437,29 @@ def pipeline(config: Config, ctx: Context) -> Pipeline:
                       for j in range(issued, issued + wanted.get(label, 0))]
         return items
 
+    def given_fields(seed_text: str, attempt: int) -> dict:
+        """The seed as its field, and each drawn field's value: attempt j of a label takes value j mod n, so
+        every label gets each value equally often (COPA: cause, effect, cause, ...)."""
+        out = {spec.seed_field: seed_text} if spec.seed_field in given else {}
+        return {**out, **{f: values[attempt % len(values)] for f, values in spec.drawn.items()}}
+
     def instance_request(item: dict, seed: int) -> Request:
         seed_row_, seed_index, seed_text = item["seed"]
-        label = item["label"]
+        label, fixed = item["label"], given_fields(seed_text, item["attempt"])
         user = render("targen/instance.jinja", task=spec, examples=instance_examples, label=label,
                       meaning=spec.labels[label].meaning, context=seed_row_["context"], seed=seed_text,
-                      fields=list(spec.fields))
-        return request("instances", user, spec.constraint(), config.sampling, seed, [label, item["attempt"]],
-                       {"round": item["round"], "target_label": label, "attempt": item["attempt"],
+                      given=_json(fixed) if fixed else None, fields=[f for f in spec.fields if f not in fixed])
+        return request("instances", user, generation, config.sampling, seed, [label, item["attempt"]],
+                       {"round": item["round"], "target_label": label, "attempt": item["attempt"], "given": fixed,
                         "context_key": seed_row_["context_key"], "context": seed_row_["context"],
                         "seed_key": seed_row_["key"], "seed_index": seed_index, "seed": seed_text})
 
     # 4. corrections: item = an instance row
     def correction_request(instance: dict, seed: int) -> Request:
-        user = render("targen/correct.jinja", task=spec, examples=correction_examples,
-                      instance=_json(instance["fields"]),
-                      label=instance["target_label"] if config.show_label_in_correction else None)
+        shown = config.show_label_in_correction
+        user = render("targen/correct.jinja", task=spec, examples=correction_examples, shown=shown,
+                      instance=_json(instance["fields"]), explanation=instance["explanation"],
+                      label=instance["target_label"])
         return request("corrections", user, label_schema, config.correction_sampling, seed, instance["key"],
                        {"instance_key": instance["key"], "round": instance["round"],
                         "initial_label": instance["target_label"]})
@@ -382,7 +471,7 @@ def pipeline(config: Config, ctx: Context) -> Pipeline:
 
     return Pipeline(
         stages=[
-            Generate("contexts", items=lambda: range(config.context_requests), request=context_request,
+            Generate("contexts", items=lambda: range(context_requests_for(config)), request=context_request,
                      parse=context_row, constraints=(contexts_schema,), attempts=config.attempts),
             Generate("seeds", reads=Whole("contexts"),
                      items=lambda reader, round_: distinct_items(reader.rows("contexts"), "contexts"),
@@ -390,7 +479,7 @@ def pipeline(config: Config, ctx: Context) -> Pipeline:
                      constraints=(seeds_schema,), attempts=config.attempts),
             Generate("instances", reads=Whole("seeds", "instances", "corrections"), rounds=config.max_rounds,
                      items=instance_items, ident=lambda item: [item["label"], item["attempt"]],
-                     request=instance_request, parse=instance_row(spec), constraints=(spec.constraint(),),
+                     request=instance_request, parse=instance_row(spec), constraints=(generation,),
                      gates=("choices_not_distinct",) if choice_groups(spec) else ()),
             Generate("corrections", reads=Each("instances"), items=lambda instance: [instance],
                      request=correction_request, parse=correction_row, constraints=(label_schema,)),
@@ -451,15 +540,17 @@ class Rounds:
             if counts[lb] < self.targets[lb]:
                 log.warning("targen: label %r has %d of %d rows after %d rounds; raise max_rounds or overgenerate",
                             lb, counts[lb], self.targets[lb], rounds)
-        n, checked = max(len(kept), 1), max(len(corrections), 1)
+        n = max(len(kept), 1)
+        flips = {lb: [c["label_changed"] for c in corrections if c["initial_label"] == lb] for lb in labels}
         return {"rows": len(kept), "rounds": rounds,
                 "shortfall": sum(max(0, self.targets[lb] - counts[lb]) for lb in labels),
-                "correction_rate": round(sum(r["label"] != r["target_label"] for r in kept) / n, 4),
-                "disagreement_rate": round(sum(r["disagreement"] for r in kept) / n, 4),
-                "disagreement_rate_all": round(sum(c["disagreement"] for c in corrections) / checked, 4),
-                "checked": len(corrections), "disagreed": sum(c["disagreement"] for c in corrections),
-                **{f"disagreed_{lb}": sum(c["disagreement"] and c["initial_label"] == lb for c in corrections)
-                   for lb in labels},
+                "distinct_contexts": len(distinct_items(reader.rows("contexts"), "contexts")),
+                "distinct_seeds": len(distinct_items(reader.rows("seeds"), "seeds")),
+                "label_changed_rate": round(sum(r["label_changed"] for r in kept) / n, 4),
+                "flip_rate": _rate([c["label_changed"] for c in corrections]),
+                **{f"flip_rate_{lb}": _rate(flips[lb]) for lb in labels},
+                "checked": len(corrections), "flipped": sum(c["label_changed"] for c in corrections),
+                **{f"flipped_{lb}": sum(flips[lb]) for lb in labels},
                 **{f"rows_{lb}": counts[lb] for lb in labels}, **{f"target_{lb}": self.targets[lb] for lb in labels}}
 
     def _survivors(self, reader) -> Callable[[list[dict]], list[dict]]:
@@ -478,9 +569,11 @@ def candidates(config: Config, ctx: Context, instances: list[dict], corrections:
         if c is None or (before_round is not None and inst["round"] >= before_round):
             continue
         label = c["corrected_label"] if config.on_label_change == "relabel" else inst["target_label"]
-        out.append({"key": inst["key"], "task": config.task.name, **inst["fields"], "label": label,
-                    "target_label": inst["target_label"], "corrected_label": c["corrected_label"],
-                    "disagreement": c["disagreement"], "rationale": c["rationale"], "round": inst["round"],
+        derived = DERIVE[config.task.derive](inst["fields"], label, inst["target_label"]) if config.task.derive else {}
+        out.append({"key": inst["key"], "task": config.task.name, **inst["fields"], **inst["spans"], **derived,
+                    "label": label, "initial_label": inst["target_label"], "corrected_label": c["corrected_label"],
+                    "label_changed": c["label_changed"], "explanation": c["explanation"],
+                    "initial_explanation": inst["explanation"], "round": inst["round"],
                     "context_key": inst["context_key"], "context": inst["context"], "seed_key": inst["seed_key"],
                     "seed": inst["seed"], "instance_key": inst["key"], "correction_key": c["key"],
                     "model": ctx.model_name, "sampling_seed": inst["sampling_seed"]})
@@ -494,8 +587,8 @@ def select(config: Config, rows: list[dict], targets: dict[str, int],
     `target` rows by key; the rest are 'surplus'."""
     rejects: list[tuple[dict, str]] = []
     if config.on_label_change == "drop":
-        rejects += [(r, "label_changed") for r in rows if r["disagreement"]]
-        rows = [r for r in rows if not r["disagreement"]]
+        rejects += [(r, "label_changed") for r in rows if r["label_changed"]]
+        rows = [r for r in rows if not r["label_changed"]]
     if survivors is not None:
         kept_keys = {r["key"] for r in survivors(rows)}
         rejects += [(r, "quality_filter") for r in rows if r["key"] not in kept_keys]
@@ -546,21 +639,26 @@ def instance_row(spec: TaskSpec):
     groups = choice_groups(spec)
 
     def to_row(request: Request, result: Result) -> tuple[dict, str | None]:
-        row = {**request.meta, "key": result.key, "sampling_seed": request.seed,
-               "fields": result.parsed if result.valid else None, "output": result.text}
+        meta = {k: v for k, v in request.meta.items() if k != "given"}
+        row = {**meta, "key": result.key, "sampling_seed": request.seed, "fields": None, "explanation": None,
+               "spans": {}, "output": result.text}
         if not result.valid:
             return row, _invalid(result)
-        same = gates.not_distinct(result.parsed, groups)
-        broken = spec.check(result.parsed)
-        return row, same or (f"check: {broken}" if broken else None)
+        written = {k: v for k, v in result.parsed.items() if k != "explanation"}
+        fields = {f: {**request.meta["given"], **written}[f] for f in spec.fields}  # the spec's field order
+        row.update(fields=fields, explanation=result.parsed["explanation"])
+        same = gates.not_distinct(fields, groups)
+        broken = spec.check(fields)
+        row["spans"], missing = spec.locate(fields)
+        return row, same or (f"check: {broken}" if broken else missing)
     return to_row
 
 
 def correction_row(request: Request, result: Result) -> tuple[dict, str | None]:
     parsed = result.parsed if result.valid else {}
     row = {**request.meta, "key": result.key, "sampling_seed": request.seed,
-           "corrected_label": parsed.get("label"), "rationale": parsed.get("rationale"),
-           "disagreement": result.valid and parsed["label"] != request.meta["initial_label"],
+           "corrected_label": parsed.get("label"), "explanation": parsed.get("explanation"),
+           "label_changed": result.valid and parsed["label"] != request.meta["initial_label"],
            "output": result.text}
     return row, _invalid(result)
 
@@ -573,10 +671,13 @@ def _grammar(name: str) -> str:
     return json.dumps(Constraint.json_schema(GRAMMARS / name).spec)
 
 
-def list_constraint(name: str, field: str, n: int) -> Constraint:
-    """grammars/targen/<name> with exactly `n` items in its list `field`."""
+def list_constraint(name: str, field: str, n: int, item: dict | None = None) -> Constraint:
+    """grammars/targen/<name> with exactly `n` items in its list `field`, each of schema `item` if given (a seed
+    that becomes a field holds that field's schema)."""
     schema = json.loads(_grammar(name))
     schema["properties"][field].update(minItems=n, maxItems=n)
+    if item is not None:
+        schema["properties"][field]["items"] = item
     return Constraint.json_schema(schema)
 
 
@@ -610,6 +711,11 @@ def _messages(spec: TaskSpec, user: str) -> list[dict]:
 
 def _examples(config: Config) -> list[Example]:
     return config.task.few_shot[: config.few_shot] if config.few_shot is not None else config.task.few_shot
+
+
+def _rate(flags: list[bool]) -> float:
+    """Share of True in `flags`, 4 decimals; 0.0 for none."""
+    return round(sum(flags) / len(flags), 4) if flags else 0.0
 
 
 def _json(value: Any) -> str:
