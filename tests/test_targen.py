@@ -97,8 +97,8 @@ def test_labels_stay_in_the_label_set(copa):
     assert {r["initial_label"] for r in rows["corrections"]} <= labels
     assert {r["corrected_label"] for r in rows["corrections"]} <= labels
     for r in rows["dataset"]:
-        assert {r["label"], r["target_label"], r["corrected_label"]} <= labels
-        assert r["disagreement"] == (r["corrected_label"] != r["target_label"])
+        assert {r["label"], r["initial_label"], r["corrected_label"]} <= labels
+        assert r["label_changed"] == (r["corrected_label"] != r["initial_label"])
 
 
 def test_fields_hold_the_task_schema(copa):
@@ -109,7 +109,7 @@ def test_fields_hold_the_task_schema(copa):
     for r in copa["rows"]["dataset"]:
         jsonschema.validate({f: r[f] for f in spec.fields}, spec.instance_schema())
     for r in copa["store"].rejects("instances"):
-        assert r["reason"].split(":")[0] in {"truncated", "invalid_json", "schema", "check", "choices_not_distinct",
+        assert r["reason"].split(":")[0] in {"truncated", "invalid_json", "schema", "check", "span", "choices_not_distinct",
                                              "cut_at_max_length", "repetition"}, r["reason"]
 
 
@@ -122,15 +122,20 @@ def test_label_balance_matches_the_target(copa):
     stats = manifest["stages"]["dataset"]["stats"]
     assert stats["rows"] == 6 and stats["shortfall"] == 0
     assert stats["rows_choice1"] == stats["target_choice1"] == 3
-    assert 0 <= stats["disagreement_rate"] <= 1 and 0 <= stats["disagreement_rate_all"] <= 1
+    assert 0 <= stats["label_changed_rate"] <= 1 and 0 <= stats["flip_rate"] <= 1
     corrections = copa["rows"]["corrections"]
     # recorded once, never twice on resume: the dataset's figures, and the core's count of accepted corrections
     assert stats["checked"] == len(corrections) == manifest["stages"]["corrections"]["stats"]["accepted"]
-    assert stats["disagreed"] == sum(c["disagreement"] for c in corrections)
-    assert stats["disagreed_choice1"] + stats["disagreed_choice2"] == stats["disagreed"]
+    assert stats["flipped"] == sum(c["label_changed"] for c in corrections)
+    assert stats["flipped_choice1"] + stats["flipped_choice2"] == stats["flipped"]
+    initial = Counter(c["initial_label"] for c in corrections)
+    assert stats["flip_rate_choice1"] == round(stats["flipped_choice1"] / initial["choice1"], 4)
+    assert stats["distinct_seeds"] == len({" ".join(s.casefold().split()) for r in copa["rows"]["seeds"]
+                                           for s in r["seeds"]}) > 0
+    assert 0 < stats["distinct_contexts"] <= config.contexts_per_request
     assert max(r["round"] for r in copa["rows"]["instances"]) <= stats["rounds"] <= config.max_rounds
     card = (copa["out"] / "README.md").read_text()
-    assert "rows_choice1" in card and "disagreement_rate" in card
+    assert "rows_choice1" in card and "flip_rate" in card
 
 
 def test_policies_on_the_same_rows(copa):
@@ -146,7 +151,7 @@ def test_policies_on_the_same_rows(copa):
         if policy == "relabel":
             assert all(r["label"] == r["corrected_label"] for r in kept)
         else:
-            assert not any(r["disagreement"] for r in kept)
+            assert not any(r["label_changed"] for r in kept)
             assert all(reason in ("label_changed", "surplus") for _, reason in rejects)
 
 
@@ -252,7 +257,7 @@ def test_shipped_specs_load(path):
 
 
 def test_specs_cover_the_issue_tasks():
-    assert {"copa", "boolq", "rte", "cb", "wic"} <= {p.stem for p in SPECS}
+    assert {"copa", "boolq", "rte", "cb", "wic", "wsc", "record", "multirc"} <= {p.stem for p in SPECS}
 
 
 class _Reader:
@@ -273,12 +278,13 @@ class _Reader:
 def _instance(key: str, round_: int, label: str) -> dict:
     return {"key": key, "round": round_, "target_label": label, "attempt": 0, "sampling_seed": 1,
             "fields": {"premise": key, "question": "cause", "choice1": "a", "choice2": "b"},
+            "explanation": "e", "spans": {},
             "context_key": "c", "context": "a kitchen", "seed_key": "s", "seed": "x"}
 
 
 def _correction(instance: dict) -> dict:
     return {"key": "k" + instance["key"], "instance_key": instance["key"], "initial_label": instance["target_label"],
-            "corrected_label": instance["target_label"], "disagreement": False, "rationale": "r"}
+            "corrected_label": instance["target_label"], "label_changed": False, "explanation": "r"}
 
 
 def test_rounds_plan_from_earlier_rounds_only():
