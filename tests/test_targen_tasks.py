@@ -78,6 +78,8 @@ def test_an_instance_whose_span_is_not_in_its_text_is_a_reject_with_a_reason():
     stage = _pipeline(config).stage("instances")
     request = stage.request({"round": 1, "label": "true", "attempt": 0,
                              "seed": (SEED_ROW, 0, "Mia called Sam because she needed help with the boxes.")}, 7)
+    properties = request.constraint.spec["properties"]  # the model picks spans among the words of the seed
+    assert properties["span2_text"]["enum"] == ["she"] and "Mia" in properties["span1_text"]["enum"]
     good = {"span1_text": "Mia", "span2_text": "she", "explanation": "She needed help, so she is Mia."}
     row, reason = stage.parse(request, _result(good))
     assert reason is None and row["spans"] == {"span1_index": 0, "span2_index": 4}

@@ -62,6 +62,7 @@ from engine.config import ConfigError, load_yaml_mapping, validated
 from engine.constraints import Constraint, ConstraintError
 from engine.methods import Context, MethodError
 from engine.methods.targen_tasks import DERIVE, Span
+from engine.methods.targen_tasks import candidates as span_candidates
 from engine.pipeline.stages import Compute, Each, Generate, Pipeline, Publish, Whole
 from engine.prompting import render
 from engine.quality import gates
@@ -248,10 +249,14 @@ class TaskSpec(BaseModel):
         """Fields the engine fills before step 3 (the seed field, the drawn ones); the model writes the rest."""
         return ([self.seed_field] if self.seed_field and seed_as_field else []) + list(self.drawn)
 
-    def generation_constraint(self, seed_as_field: bool) -> Constraint:
-        """Step 3's output: the fields the model writes, in order, then its `explanation` of the label."""
+    def generation_constraint(self, seed_as_field: bool, values: dict | None = None) -> Constraint:
+        """Step 3's output: the fields the model writes, in order, then its `explanation` of the label. With the
+        given `values` (the seed, drawn fields), a span with `choose` is an enum of runs of words of its text."""
         given = self.given(seed_as_field)
         props = {f: s for f, s in self.fields.items() if f not in given}
+        for span in self.spans:
+            if span.choose and values and span.within in values and span.field in props:
+                props[span.field] = _choosing(props[span.field], values[span.within], span.choose)
         props["explanation"] = {"type": "string", "minLength": 10, "maxLength": 200}
         schema = {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
         return _instance_constraint(json.dumps(schema))  # not sorted: the model writes the fields in order
@@ -261,6 +266,17 @@ class TaskSpec(BaseModel):
         """Normalized string values of the few-shot examples: an instance repeating one copied it."""
         return frozenset(" ".join(v.casefold().split()) for ex in self.few_shot for v in ex.fields.values()
                          if isinstance(v, str))
+
+
+def _choosing(schema: dict, text: str, most_words: int) -> dict:
+    """`schema` (a string, or an array of strings) with its strings restricted to runs of words of `text`;
+    unchanged when no run holds it (the instance is then a reject "span: ...")."""
+    item = schema.get("items", schema) if schema.get("type") == "array" else schema
+    runs = span_candidates(text, most_words, item)
+    if not runs or len(runs) < schema.get("minItems", 0):
+        return schema
+    choice = {"type": "string", "enum": runs}  # the runs already hold the item's other keywords
+    return {**schema, "items": choice} if schema.get("type") == "array" else choice
 
 
 def _fail(message: str):
@@ -449,7 +465,8 @@ def pipeline(config: Config, ctx: Context) -> Pipeline:
         user = render("targen/instance.jinja", task=spec, examples=instance_examples, label=label,
                       meaning=spec.labels[label].meaning, context=seed_row_["context"], seed=seed_text,
                       given=_json(fixed) if fixed else None, fields=[f for f in spec.fields if f not in fixed])
-        return request("instances", user, generation, config.sampling, seed, [label, item["attempt"]],
+        constraint = spec.generation_constraint(config.seed_as_field, fixed) if spec.spans else generation
+        return request("instances", user, constraint, config.sampling, seed, [label, item["attempt"]],
                        {"round": item["round"], "target_label": label, "attempt": item["attempt"], "given": fixed,
                         "context_key": seed_row_["context_key"], "context": seed_row_["context"],
                         "seed_key": seed_row_["key"], "seed_index": seed_index, "seed": seed_text})

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 
@@ -38,6 +38,9 @@ class Span(BaseModel):
     """Column for the word index of the first occurrence in `within.split()` (WSC)."""
     mentions: str | None = None
     """Column for a list of {"text", "start", "end"}: every occurrence of each value (ReCoRD); may be `field`."""
+    choose: int = Field(0, ge=0, le=8)
+    """When `within` is given before step 3 (the seed): restrict the span to runs of 1..choose words of that
+    text that hold the field's schema (an enum), so the model picks a span rather than spelling one; 0: no."""
 
     @model_validator(mode="after")
     def _some_column(self) -> "Span":
@@ -69,6 +72,21 @@ class Span(BaseModel):
         if self.mentions:
             out[self.mentions] = [{"text": text[s:e], "start": s, "end": e} for spots in found for s, e in spots]
         return out, None
+
+
+def candidates(text: str, most_words: int, schema: dict) -> list[str]:
+    """Runs of 1..most_words words of `text`, punctuation at their edges removed, that hold `schema`, first
+    occurrence order: ("The cat saw it.", 2, {"pattern": "^[A-Z]"}) -> ["The", "The cat"]."""
+    import jsonschema
+    valid = jsonschema.validators.validator_for(schema)(schema).is_valid
+    words = [_EDGE.sub("", w) for w in text.split()]
+    out: list[str] = []
+    for i in range(len(words)):
+        for n in range(1, most_words + 1):
+            run = " ".join(words[i:i + n])
+            if i + n <= len(words) and all(words[i:i + n]) and run not in out and valid(run):
+                out.append(run)
+    return out
 
 
 def _occurrences(span: str, text: str, word_forms: bool) -> list[tuple[int, int]]:
