@@ -83,6 +83,14 @@ def baseline_rows_per_s(templates: list[CheckedTemplate], *, n_per_template: int
     return n / (time.perf_counter() - t0)
 
 
+def baseline_cpu_rows_per_s(templates: list[CheckedTemplate], *, n_per_template: int = 200, seed: int = 0) -> float:
+    """The exec loop's rows per CPU-second of this process (one core): comparable with a multi-process run's
+    rows per CPU-second summed over its processes."""
+    t0 = time.process_time()
+    baseline_rows_per_s(templates, n_per_template=n_per_template, seed=seed)
+    return n_per_template * len(templates) / (time.process_time() - t0)
+
+
 def bench_rows_per_s(templates: list, *, n_per_template: int = 2000, seed: int = 0, baseline_n: int = 200) -> dict:
     """Rows/s on ONE core of our compiled instantiation (engine.methods.tdg.instantiate, workers=1, compile time
     included) vs exec-per-problem on the same templates. `templates`: engine.methods.tdg.instantiate.TemplateSpec."""

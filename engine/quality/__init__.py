@@ -11,16 +11,17 @@ Every removed row is returned as a `Removal` (the store writes it to rejects/); 
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 from engine.quality.decontam import QualityError, build_index, check_file
-from engine.quality.dedup import exact_duplicates, near_duplicates, normalize
+from engine.quality.dedup import ExactDedup, NearDedup, normalize
 from engine.quality.diversity import diversity_report
 
 __all__ = ["QualityConfig", "DecontamFile", "Removal", "QualityError", "apply_filters", "diversity_report",
-           "normalize", "REASONS"]
+           "normalize", "REASONS", "Filters"]
 
 REASONS = ("contaminated", "exact_duplicate", "near_duplicate")
 
@@ -131,22 +132,45 @@ class Removal:
 
 def apply_filters(items: list[tuple[str, str]], cfg: QualityConfig) -> list[Removal]:
     """Removals for `(key, text)` items, which must be sorted by key (the first of a group is kept)."""
-    removals: list[Removal] = []
-    if cfg.decontam_files:
-        index = build_index([(f.path, f.columns) for f in cfg.decontam_files], cfg.decontam_ngram)
-        for key, text in items:
-            m = index.find(text)
-            if m is not None:
-                removals.append(Removal(key, "contaminated", m.source, f"{m.column}: {m.ngram}"))
-    items = _without(items, removals)
-    if cfg.exact_dedup:
-        removals += [Removal(k, "exact_duplicate", kept) for k, kept in exact_duplicates(items).items()]
-        items = _without(items, removals)
-    if cfg.near_dedup:
-        near = near_duplicates(items, threshold=cfg.near_threshold, num_perm=cfg.num_perm,
-                               shingle=cfg.shingle, seed=cfg.seed)
-        removals += [Removal(k, "near_duplicate", kept, f"jaccard={j}") for k, (kept, j) in near.items()]
-    return sorted(removals, key=lambda r: r.key)
+    return Filters(cfg)(items)
+
+
+class Filters:
+    """apply_filters over items given in batches (sorted by key within and across batches): each call returns
+    its batch's removals, the same as one call over all items would. Publishing streams through it."""
+
+    def __init__(self, cfg: QualityConfig) -> None:
+        self.cfg = cfg
+        self.index = (build_index([(f.path, f.columns) for f in cfg.decontam_files], cfg.decontam_ngram)
+                      if cfg.decontam_files else None)
+        self.exact = ExactDedup() if cfg.exact_dedup else None
+        self.near = (NearDedup(threshold=cfg.near_threshold, num_perm=cfg.num_perm, shingle=cfg.shingle,
+                               seed=cfg.seed) if cfg.near_dedup else None)
+        self.seconds = {"decontam": 0.0, "exact_dedup": 0.0, "near_dedup": 0.0}  # for bench/
+
+    def __call__(self, items: list[tuple[str, str]]) -> list[Removal]:
+        removals: list[Removal] = []
+        t = time.perf_counter()
+        if self.index is not None:
+            for key, text in items:
+                m = self.index.find(text)
+                if m is not None:
+                    removals.append(Removal(key, "contaminated", m.source, f"{m.column}: {m.ngram}"))
+            items = _without(items, removals)
+        t = self._lap("decontam", t)
+        if self.exact is not None:
+            removals += [Removal(k, "exact_duplicate", kept) for k, kept in self.exact.feed(items).items()]
+            items = _without(items, removals)
+        t = self._lap("exact_dedup", t)
+        if self.near is not None:
+            removals += [Removal(k, "near_duplicate", kept, f"jaccard={j}") for k, (kept, j) in self.near.feed(items).items()]
+        self._lap("near_dedup", t)
+        return sorted(removals, key=lambda r: r.key)
+
+    def _lap(self, phase: str, t: float) -> float:
+        now = time.perf_counter()
+        self.seconds[phase] += now - t
+        return now
 
 
 def _without(items: list[tuple[str, str]], removals: list[Removal]) -> list[tuple[str, str]]:

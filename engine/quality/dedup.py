@@ -49,14 +49,24 @@ def exact_duplicates(items: Iterable[tuple[str, str]]) -> dict[str, str]:
     >>> exact_duplicates([("a", "Hi there!"), ("b", "hi   THERE"), ("c", "bye")])
     {'b': 'a'}
     """
-    first: dict[bytes, str] = {}  # digest of normalized text -> first key; digests keep memory flat
-    removed: dict[str, str] = {}
-    for key, text in items:
-        digest = hashlib.blake2b(normalize(text).encode(), digest_size=16).digest()
-        kept = first.setdefault(digest, key)
-        if kept != key:
-            removed[key] = kept
-    return removed
+    return ExactDedup().feed(items)
+
+
+class ExactDedup:
+    """exact_duplicates over items fed in batches (key order across batches): the state is one 16-byte digest
+    per distinct text and its first key, not the texts, so publishing 1M rows keeps it to ~200 MB."""
+
+    def __init__(self) -> None:
+        self.first: dict[bytes, str] = {}
+
+    def feed(self, items: Iterable[tuple[str, str]]) -> dict[str, str]:
+        removed: dict[str, str] = {}
+        for key, text in items:
+            digest = hashlib.blake2b(normalize(text).encode(), digest_size=16).digest()
+            kept = self.first.setdefault(digest, key)
+            if kept != key:
+                removed[key] = kept
+        return removed
 
 
 def _batches(items: list[tuple[str, str]], size: int) -> Iterator[list[tuple[str, str]]]:
@@ -73,23 +83,33 @@ def near_duplicates(items: list[tuple[str, str]], *, threshold: float, num_perm:
     positives are not removed. Among confirmed candidates the most similar one (then smallest key) is named.
     Texts with no words are skipped here (exact dedup groups them).
     """
-    from datasketch import MinHash, MinHashLSH  # here, not at the top: it costs ~0.5 s (scipy) per CLI start
+    return NearDedup(threshold=threshold, num_perm=num_perm, shingle=shingle, seed=seed).feed(items)
 
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-    kept: dict[str, MinHash] = {}
-    removed: dict[str, tuple[str, float]] = {}
-    for batch in _batches(items, _BATCH):
-        sets = [shingles(text, shingle) for _, text in batch]
-        hashes = MinHash.bulk([[s.encode() for s in sh] for sh in sets], num_perm=num_perm, seed=seed)
-        for (key, _), sh, mh in zip(batch, sets, hashes):
-            if not sh:
-                continue
-            scored = [(mh.jaccard(kept[c]), c) for c in lsh.query(mh)]
-            best = min((s for s in scored if s[0] >= threshold), key=lambda s: (-s[0], s[1]), default=None)
-            if best is None:
-                lsh.insert(key, mh)
-                kept[key] = mh
-            else:
-                removed[key] = (best[1], round(best[0], 4))
-    return removed
 
+class NearDedup:
+    """near_duplicates over items fed in batches (key order across batches); the LSH and the kept MinHashes
+    are its state (num_perm * 8 bytes and LSH buckets per kept row: it grows with the kept rows)."""
+
+    def __init__(self, *, threshold: float, num_perm: int, shingle: int, seed: int) -> None:
+        from datasketch import MinHashLSH  # here, not at the top: it costs ~0.5 s (scipy) per CLI start
+        self.threshold, self.num_perm, self.shingle, self.seed = threshold, num_perm, shingle, seed
+        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        self.kept: dict = {}
+
+    def feed(self, items: list[tuple[str, str]]) -> dict[str, tuple[str, float]]:
+        from datasketch import MinHash
+        removed: dict[str, tuple[str, float]] = {}
+        for batch in _batches(items, _BATCH):
+            sets = [shingles(text, self.shingle) for _, text in batch]
+            hashes = MinHash.bulk([[s.encode() for s in sh] for sh in sets], num_perm=self.num_perm, seed=self.seed)
+            for (key, _), sh, mh in zip(batch, sets, hashes):
+                if not sh:
+                    continue
+                scored = [(mh.jaccard(self.kept[c]), c) for c in self.lsh.query(mh)]
+                best = min((s for s in scored if s[0] >= self.threshold), key=lambda s: (-s[0], s[1]), default=None)
+                if best is None:
+                    self.lsh.insert(key, mh)
+                    self.kept[key] = mh
+                else:
+                    removed[key] = (best[1], round(best[0], 4))
+        return removed

@@ -111,15 +111,43 @@ def _sample(n_items: int, k: int, seed: int) -> list[int]:
 
 def diversity_report(texts: list[str], *, sample: int, distinct_sample: int, seed: int) -> dict:
     """All figures for `texts`, ready for the manifest."""
-    docs = [words(t) for t in texts]
-    distinct_docs = [docs[i] for i in _sample(len(docs), distinct_sample, seed)]
-    bleu_docs = [docs[i] for i in _sample(len(docs), sample, seed)]
-    return {
-        "distinct_1": round(distinct_n(distinct_docs, 1), 6),
-        "distinct_2": round(distinct_n(distinct_docs, 2), 6),
-        "distinct_3": round(distinct_n(distinct_docs, 3), 6),
-        "distinct_rows": len(distinct_docs),
-        "self_bleu": self_bleu(bleu_docs),
-        "self_bleu_rows": len(bleu_docs),
-        "length_words": length_stats([len(d) for d in docs]),
-    }
+    acc = Diversity(len(texts), sample=sample, distinct_sample=distinct_sample, seed=seed)
+    for t in texts:
+        acc.add(t)
+    return acc.report()
+
+
+class Diversity:
+    """diversity_report over `n_items` texts added one at a time, in order: it keeps the word counts of all
+    and the words of the sampled texts only (publishing 1M rows does not hold 1M word lists)."""
+
+    def __init__(self, n_items: int, *, sample: int, distinct_sample: int, seed: int) -> None:
+        self.distinct_idx = set(_sample(n_items, distinct_sample, seed))
+        self.bleu_idx = set(_sample(n_items, sample, seed))
+        self.grams: list[set[Gram]] = [set(), set(), set()]  # distinct-1..3: unique grams and totals
+        self.totals = [0, 0, 0]
+        self.bleu_docs: list[list[str]] = []
+        self.lengths: list[int] = []
+
+    def add(self, text: str) -> None:
+        i, ws = len(self.lengths), words(text)
+        self.lengths.append(len(ws))
+        if i in self.distinct_idx:
+            for n in (1, 2, 3):
+                grams = [tuple(ws[j:j + n]) for j in range(len(ws) - n + 1)]
+                self.grams[n - 1].update(grams)
+                self.totals[n - 1] += len(grams)
+        if i in self.bleu_idx:
+            self.bleu_docs.append(ws)
+
+    def report(self) -> dict:
+        distinct = [len(g) / t if t else 0.0 for g, t in zip(self.grams, self.totals)]
+        return {
+            "distinct_1": round(distinct[0], 6),
+            "distinct_2": round(distinct[1], 6),
+            "distinct_3": round(distinct[2], 6),
+            "distinct_rows": len(self.distinct_idx),
+            "self_bleu": self_bleu(self.bleu_docs),
+            "self_bleu_rows": len(self.bleu_docs),
+            "length_words": length_stats(self.lengths),
+        }

@@ -6,15 +6,21 @@ import hashlib
 import json
 import math
 import os
+import tempfile
+import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from engine.quality import QualityConfig, Removal, apply_filters, card, diversity_report
+from engine.quality import Filters, QualityConfig, Removal, card
+from engine.quality.diversity import Diversity
 from engine.store.files import atomic_write, parquet_bytes
 from engine.store.runs import StoreError
 from engine.store.shards import REJECT_SCHEMA
@@ -35,42 +41,97 @@ class PublishMixin:
         no benchmarks); diversity figures are computed either way. The filters and diversity read the row
         fields `text_fields` (non-strings as JSON), joined by newlines. Idempotent: with no new commits,
         re-running writes byte-identical files. Returns the manifest.
+
+        Streams: the rows are sorted by key on disk (_sorted_batches) and go through the filters and into the
+        shards PUBLISH_BATCH at a time, so memory does not grow with the rows (only the dedup state does).
         """
         quality = quality or QualityConfig(exact_dedup=False, near_dedup=False)
         self.commit()
-        rows = self.rows(final_stage)
-        if not rows:
-            raise StoreError(f"nothing to publish: stage {final_stage!r} of {self.out} has no committed rows "
-                             f"({len(self._reject_keys.get(final_stage, ()))} rejects)")
-        texts = _texts(rows, text_fields, final_stage)
+        self._refresh()
+        PUBLISH_SECONDS.clear()
         try:
-            removals = apply_filters(list(zip((r["key"] for r in rows), texts)), quality)
-            gone = {r.key for r in removals}
-            kept = [(r, t) for r, t in zip(rows, texts) if r["key"] not in gone]
-            table, json_cols = _columnar([r for r, _ in kept])
-            files = self._publish("data", "train", table)
-            self._publish("rejects/_quality", "quality", _removals_table(removals, rows, final_stage))
-            counts = Counter(r.reason for r in removals)
-            dataset = {
-                "final_stage": final_stage,
-                "text_fields": list(text_fields),
-                "num_rows": table.num_rows,
-                "num_bytes": table.nbytes,
-                "download_size": sum(f["bytes"] for f in files),
-                "features": card.features(table.schema),
-                "json_columns": json_cols,
-                "files": files,
-                "quality": {"config": quality.model_dump(), "input_rows": len(rows), "kept_rows": len(kept),
-                            **{k: counts.get(k, 0) for k in ("contaminated", "exact_duplicate", "near_duplicate")}},
-                "diversity": diversity_report([t for _, t in kept], sample=quality.diversity_sample,
-                                              distinct_sample=quality.distinct_sample, seed=quality.seed),
-            }
-            m = self._write_manifest(dataset)
-            atomic_write(self.out / "README.md", card.render(m).encode(), self.out / f".tmp-{self.writer}-README.md")
+            with tempfile.TemporaryDirectory(prefix=f".tmp-{self.writer}-publish-", dir=self.out) as tmp:
+                m = self._finalize_streaming(final_stage, quality, list(text_fields), Path(tmp))
         except OSError as e:
             raise StoreError(f"cannot publish to {self.out}: {e.strerror or e}; committed shards are intact, "
                              "rerun to finalize again") from e
         return m
+
+    def _finalize_streaming(self, final_stage: str, quality: QualityConfig, text_fields: list[str],
+                            tmp: Path) -> dict:
+        t = time.perf_counter()
+        buckets = _sort_to_buckets(self, final_stage, tmp)
+        t = _lap("sort", t)
+        scan = _Scan(quality, text_fields, tmp)
+        for rows in _bucket_rows(buckets):
+            scan.batch(rows)
+        t = _lap("scan", t)
+        if not scan.input_rows:
+            raise StoreError(f"nothing to publish: stage {final_stage!r} of {self.out} has no committed rows "
+                             f"({len(self._reject_keys.get(final_stage, ()))} rejects)")
+        scan.check_fields(final_stage)
+        PUBLISH_SECONDS.update({f"filter_{k}": round(v, 4) for k, v in scan.filters.seconds.items()})
+        schema = scan.schema(lambda: _bucket_rows(buckets))
+        files, num_bytes, div = self._publish_parts(scan, schema, quality)
+        self._publish("rejects/_quality", "quality", _removals_table(scan.removals, scan.removed_rows, final_stage))
+        t = _lap("write", t)
+        counts = Counter(r.reason for r in scan.removals)
+        dataset = {
+            "final_stage": final_stage,
+            "text_fields": text_fields,
+            "num_rows": scan.kept_rows,
+            "num_bytes": num_bytes,
+            "download_size": sum(f["bytes"] for f in files),
+            "features": card.features(schema),
+            "json_columns": [n for n in schema.names if n in scan.converted],
+            "files": files,
+            "quality": {"config": quality.model_dump(), "input_rows": scan.input_rows, "kept_rows": scan.kept_rows,
+                        **{k: counts.get(k, 0) for k in ("contaminated", "exact_duplicate", "near_duplicate")}},
+            "diversity": div.report(),
+        }
+        m = self._write_manifest(dataset)
+        atomic_write(self.out / "README.md", card.render(m).encode(), self.out / f".tmp-{self.writer}-README.md")
+        _lap("manifest", t)
+        return m
+
+    def _publish_parts(self, scan: "_Scan", schema: pa.Schema, quality: QualityConfig):
+        """data/train-*.parquet from the kept parts, DATA_SHARD_ROWS rows each, and the diversity figures
+        of their texts (sampled now that the kept count is known). Returns (files, num_bytes, diversity)."""
+        div = Diversity(scan.kept_rows, sample=quality.diversity_sample, distinct_sample=quality.distinct_sample,
+                        seed=quality.seed)
+        d = self.out / "data"
+        d.mkdir(parents=True, exist_ok=True)
+        n = math.ceil(scan.kept_rows / DATA_SHARD_ROWS)
+        files, num_bytes, held = [], 0, []
+
+        def flush(table: pa.Table) -> None:
+            nonlocal num_bytes
+            table = table.combine_chunks()
+            num_bytes += table.nbytes
+            files.append(self._write_data_shard(d, "train", len(files), n, table))
+        for part in scan.parts(schema):
+            for text in part.column(_TEXT).to_pylist():
+                div.add(text)
+            held.append(part.drop_columns([_TEXT]))
+            while sum(p.num_rows for p in held) >= DATA_SHARD_ROWS:
+                table = pa.concat_tables(held)
+                rest = table.slice(DATA_SHARD_ROWS)
+                held = [rest] if rest.num_rows else []
+                flush(table.slice(0, DATA_SHARD_ROWS))
+        if held:
+            flush(pa.concat_tables(held))
+        fresh = {f["file"].rsplit("/", 1)[1] for f in files}
+        for p in d.glob("train-*.parquet"):
+            if p.name not in fresh:
+                p.unlink()
+        return files, num_bytes, div
+
+    def _write_data_shard(self, d: Path, prefix: str, i: int, n: int, table: pa.Table) -> dict:
+        data = parquet_bytes(table)
+        name = f"{prefix}-{i:05d}-of-{n:05d}.parquet"
+        atomic_write(d / name, data, d / f".tmp-{self.writer}-{name}")
+        return {"file": f"{d.name}/{name}", "rows": table.num_rows, "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest()}
 
     def _publish(self, subdir: str, prefix: str, table: pa.Table) -> list[dict]:
         """Write `table` as <subdir>/<prefix>-0000i-of-0000n.parquet (at most DATA_SHARD_ROWS rows each;
@@ -94,14 +155,166 @@ class PublishMixin:
 
 # ---------------------------------------------------------------------------------------------- helpers
 
-def _texts(rows: list[dict], fields: list[str], stage: str) -> list[str]:
-    """The text the filters see: the `fields` of each row (non-strings as JSON) joined by newlines."""
-    for f in fields:
-        if not any(f in r for r in rows):
-            raise StoreError(f"text field {f!r} is in no row of stage {stage!r} "
-                             f"(fields of the first row: {', '.join(rows[0])})")
+PUBLISH_BATCH = 50_000  # rows per sorted bucket: what publishing holds as Python objects at a time
+PUBLISH_SECONDS: dict[str, float] = {}  # seconds of each phase of this process's last finalize (for bench/)
+_TEXT = "__text"  # the filters' text of each kept row, carried beside its part until diversity reads it
 
-    return [row_text(r, fields) for r in rows]
+
+def _lap(phase: str, t: float) -> float:
+    now = time.perf_counter()
+    PUBLISH_SECONDS[phase] = round(PUBLISH_SECONDS.get(phase, 0.0) + now - t, 4)
+    return now
+
+
+def _sort_to_buckets(store, stage: str, tmp: Path) -> list[Path]:
+    """External sort by key: the stage's rows into Arrow files of key ranges (about PUBLISH_BATCH distinct keys
+    each, bounds from the keys alone), each row tagged with its (shard, index) order so that a key committed
+    twice keeps its first copy in (writer, seq) order, as RunStore.rows does."""
+    shards = store._stage_shards("stages", stage)
+    keys = [store._read(s).column("key") for s in shards]
+    if not keys:
+        return []
+    uniq = pc.unique(pa.chunked_array(keys, pa.string()))
+    ordered = uniq.take(pc.sort_indices(uniq))
+    bounds = ordered[PUBLISH_BATCH::PUBLISH_BATCH].to_numpy(zero_copy_only=False)
+    paths = [tmp / f"bucket-{b:06d}.arrow" for b in range(len(bounds) + 1)]
+    schema = pa.schema([("key", pa.string()), ("row", pa.large_string()), ("order", pa.int64())])
+    writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
+    try:
+        for ordinal, (shard, key_col) in enumerate(zip(shards, keys)):
+            table = store._read(shard).select(["key", "row"])
+            ids = np.searchsorted(bounds, key_col.to_numpy(zero_copy_only=False), side="right")
+            order = np.argsort(ids, kind="stable")
+            cuts = np.searchsorted(ids[order], np.arange(len(paths) + 1))
+            for b in range(len(paths)):
+                if cuts[b] == cuts[b + 1]:
+                    continue
+                idx = order[cuts[b]:cuts[b + 1]]
+                part = table.take(idx).append_column("order", pa.array((ordinal << 32) + idx, pa.int64()))
+                if b not in writers:
+                    writers[b] = pa.ipc.new_file(paths[b], schema)
+                writers[b].write_table(part.cast(schema))
+    finally:
+        for w in writers.values():
+            w.close()
+    return [p for b, p in enumerate(paths) if b in writers]
+
+
+def _bucket_rows(paths: list[Path]) -> Iterator[list[dict]]:
+    """The sorted rows, one list per bucket, one row per key (its first copy)."""
+    for path in paths:
+        with pa.memory_map(str(path)) as src:
+            table = pa.ipc.open_file(src).read_all()
+        table = table.sort_by([("key", "ascending"), ("order", "ascending")])
+        keys, blobs, prev, rows = table.column("key").to_pylist(), table.column("row").to_pylist(), None, []
+        for k, blob in zip(keys, blobs):
+            if k != prev:
+                rows.append(json.loads(blob))
+            prev = k
+        yield rows
+
+
+class _Scan:
+    """The first pass over the sorted rows: the filters' removals, and each batch's kept rows as a columnar part
+    (on disk) with the column types it inferred; `schema` then settles one type per column, and `parts` reads
+    the parts back in that schema."""
+
+    def __init__(self, quality: QualityConfig, fields: list[str], tmp: Path) -> None:
+        self.filters, self.fields, self.tmp = Filters(quality), fields, tmp
+        self.input_rows = self.kept_rows = 0
+        self.first_fields: list[str] | None = None
+        self.seen_fields: set[str] = set()
+        self.removals: list[Removal] = []
+        self.removed_rows: dict[str, dict] = {}
+        self.names: dict[str, None] = {"key": None}  # columns in order of first appearance in kept rows
+        self.types: dict[str, set] = {}  # column -> the non-null types parts inferred for it
+        self.converted: set[str] = set()  # columns some part stored as text
+        self.rebuilt: dict[str, pa.Array] = {}
+        self.part_paths: list[Path] = []
+
+    def batch(self, rows: list[dict]) -> None:
+        if not rows:
+            return
+        self.input_rows += len(rows)
+        self.first_fields = self.first_fields or list(rows[0])
+        self.seen_fields.update(f for f in self.fields if f not in self.seen_fields and any(f in r for r in rows))
+        texts = [row_text(r, self.fields) for r in rows]
+        removals = self.filters(list(zip((r["key"] for r in rows), texts)))
+        gone = {r.key for r in removals}
+        self.removals += removals
+        self.removed_rows.update((r["key"], r) for r in rows if r["key"] in gone)
+        kept = [(r, t) for r, t in zip(rows, texts) if r["key"] not in gone]
+        if kept:
+            self._write_part([r for r, _ in kept], [t for _, t in kept])
+
+    def _write_part(self, rows: list[dict], texts: list[str]) -> None:
+        self.kept_rows += len(rows)
+        names = {"key": None}
+        for r in rows:
+            names.update(dict.fromkeys(r))
+        self.names.update(names)
+        arrays = []
+        for name in names:
+            arr, conv = _column([r.get(name) for r in rows])
+            if conv:
+                self.converted.add(name)
+            elif arr.type != pa.null():
+                self.types.setdefault(name, set()).add(arr.type)
+            arrays.append(arr)
+        table = pa.Table.from_arrays([*arrays, pa.array(texts, pa.string())], names=[*names, _TEXT])
+        path = self.tmp / f"part-{len(self.part_paths):06d}.arrow"
+        with pa.ipc.new_file(path, table.schema) as w:
+            w.write_table(table)
+        self.part_paths.append(path)
+
+    def check_fields(self, stage: str) -> None:
+        for f in self.fields:
+            if f not in self.seen_fields:
+                raise StoreError(f"text field {f!r} is in no row of stage {stage!r} "
+                                 f"(fields of the first row: {', '.join(self.first_fields or [])})")
+
+    def schema(self, rows_again) -> pa.Schema:
+        """One type per column, as _columnar over all kept rows would infer it: the parts' type when they agree;
+        a column whose parts disagree is built again from all its values (`rows_again()`: the sorted rows)."""
+        mixed = [n for n in self.names if len(self.types.get(n, ())) > 1 or (n in self.converted and n in self.types)]
+        if mixed:
+            values: dict[str, list] = {n: [] for n in mixed}
+            gone = set(self.removed_rows)
+            for rows in rows_again():
+                for r in rows:
+                    if r["key"] not in gone:
+                        for n in mixed:
+                            values[n].append(r.get(n))
+            for n in mixed:
+                self.rebuilt[n], conv = _column(values.pop(n))
+                (self.converted.add if conv else self.converted.discard)(n)
+        fields = []
+        for n in self.names:
+            if n in self.rebuilt:
+                t = self.rebuilt[n].type
+            elif n in self.converted:
+                t = pa.string()
+            else:
+                t = next(iter(self.types.get(n, {pa.null()})))
+            fields.append(pa.field(n, t))
+        return pa.schema(fields)
+
+    def parts(self, schema: pa.Schema) -> Iterator[pa.Table]:
+        """The kept parts in order, each in `schema` (plus the _TEXT column)."""
+        offset = 0
+        for path in self.part_paths:
+            with pa.memory_map(str(path)) as src:
+                part = pa.ipc.open_file(src).read_all()
+            n, cols = part.num_rows, []
+            for f in schema:
+                if f.name in self.rebuilt:
+                    cols.append(self.rebuilt[f.name].slice(offset, n))
+                elif f.name in part.column_names:
+                    cols.append(part.column(f.name).cast(f.type))
+                else:
+                    cols.append(pa.nulls(n, f.type))
+            offset += n
+            yield pa.Table.from_arrays([*cols, part.column(_TEXT)], names=[*schema.names, _TEXT])
 
 
 def row_text(row: dict, fields: list[str]) -> str:
@@ -132,23 +345,7 @@ def _column(values: list[Any]) -> tuple[pa.Array, bool]:
     return pa.array(texts, pa.string()), True
 
 
-def _columnar(rows: list[dict]) -> tuple[pa.Table, list[str]]:
-    """One table, one schema, for all published rows: columns in order of first appearance ("key" first),
-    a missing field is null. Returns the table and the columns that had to be stored as text."""
-    names = {"key": None}
-    for r in rows:
-        names.update(dict.fromkeys(r))
-    arrays, converted = [], []
-    for name in names:
-        arr, conv = _column([r.get(name) for r in rows])
-        arrays.append(arr)
-        if conv:
-            converted.append(name)
-    return pa.Table.from_arrays(arrays, names=list(names)), converted
-
-
-def _removals_table(removals: list[Removal], rows: list[dict], stage: str) -> pa.Table:
-    by_key = {r["key"]: r for r in rows}
+def _removals_table(removals: list[Removal], by_key: dict[str, dict], stage: str) -> pa.Table:
     return pa.table({
         "key": [r.key for r in removals], "stage": [stage] * len(removals), "reason": [r.reason for r in removals],
         "duplicate_of": [r.duplicate_of for r in removals], "detail": [r.detail or None for r in removals],

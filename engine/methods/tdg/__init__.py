@@ -18,7 +18,11 @@ module: they are this method's, not the engine's.
 from __future__ import annotations
 
 import json
+import os
 import random
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
 
@@ -346,7 +350,24 @@ def seed_template_rows(config: Config):
 
 
 # -- 3. instantiate each accepted template ----------------------------------------------------------------------
-ROW_BATCH = 2000  # rows per sandbox child: amortizes its start-up (~30 ms) over many solutions
+ROW_BATCH = 5000  # rows per sandbox child: amortizes its start-up (~30 ms) over many solutions
+SANDBOX_INFLIGHT = max(1, os.cpu_count() or 1)  # sandbox children at work at once while this process instantiates
+PHASE_SECONDS: dict[str, float] = {}  # this process's seconds instantiating and waiting on the sandbox (for bench/)
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    """Threads that each wait on one sandbox child (the children do the work, on their own cores)."""
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(SANDBOX_INFLIGHT, thread_name_prefix="tdg-sandbox")
+    return _POOL
+
+
+def _add_time(phase: str, t: float) -> float:
+    now = time.perf_counter()
+    PHASE_SECONDS[phase] = PHASE_SECONDS.get(phase, 0.0) + now - t
+    return now
 
 
 def template_spec(row: dict) -> TemplateSpec:
@@ -361,7 +382,8 @@ def problem_rows(config: Config):
     disagrees is a reject ('row_code_mismatch'). Problem ids past the count replace instances with no valid
     draw and rejects (at most twice the count plus 100 ids are tried). Each row says where its template's idea
     came from (`origin`) and, as `repeat_of`, the earlier problem id of its template with the same variable
-    values (-1: none), for the repeat rate."""
+    values (-1: none), for the repeat rate. Up to SANDBOX_INFLIGHT batches are in the sandbox at once while the
+    next is instantiated; rows come out in problem id order all the same."""
     def rows(template: dict):
         if template.get("format") == "legacy":
             yield from legacy_problem_rows(config, template)
@@ -370,25 +392,55 @@ def problem_rows(config: Config):
         limit = 2 * want + 100
         seen: dict[str, int] = {}
         origin = origin_of(template)
+        spec = template_spec(template)
         while accepted < want and next_id < limit:
             count = min(want - accepted, limit - next_id)  # ids next_id .. next_id + count - 1
-            batch: list[dict] = []
-            for row in instantiate([template_spec(template)], n_per_template=count, first=next_id,
-                                   seed=config.seed, workers=1):
-                key = stable_hash(["tdg-problem", config.seed, row["template_id"], row["problem_id"]])
-                repeat_of = seen.setdefault(row["variables"], row["problem_id"])
-                batch.append({"key": key, **row, "origin": origin,
-                              "repeat_of": -1 if repeat_of == row["problem_id"] else repeat_of})
-                if len(batch) >= ROW_BATCH:
-                    for checked in checked_rows(config, batch):
+            inflight: deque = deque()
+            for batch in _instance_batches(config, spec, origin, seen, next_id, count):
+                inflight.append((batch, _check_async(config, batch)))
+                while len(inflight) > SANDBOX_INFLIGHT:
+                    for checked in _checked(*inflight.popleft()):
                         accepted += checked[1] is None
                         yield checked
-                    batch = []
-            for checked in checked_rows(config, batch):
-                accepted += checked[1] is None
-                yield checked
+            while inflight:
+                for checked in _checked(*inflight.popleft()):
+                    accepted += checked[1] is None
+                    yield checked
             next_id += count
     return rows
+
+
+def _instance_batches(config: Config, spec: TemplateSpec, origin: str, seen: dict[str, int], first: int,
+                      count: int):
+    """Problem ids first..first+count-1 as rows, ROW_BATCH at a time (time counted as 'instantiate')."""
+    batch: list[dict] = []
+    t = time.perf_counter()
+    for row in instantiate([spec], n_per_template=count, first=first, seed=config.seed, workers=1):
+        key = stable_hash(["tdg-problem", config.seed, row["template_id"], row["problem_id"]])
+        repeat_of = seen.setdefault(row["variables"], row["problem_id"])
+        batch.append({"key": key, **row, "origin": origin,
+                      "repeat_of": -1 if repeat_of == row["problem_id"] else repeat_of})
+        if len(batch) >= ROW_BATCH:
+            _add_time("instantiate", t)
+            yield batch
+            batch, t = [], time.perf_counter()
+    _add_time("instantiate", t)
+    if batch:
+        yield batch
+
+
+def _check_async(config: Config, rows: list[dict]) -> Future | None:
+    """The sandbox run of `rows`' solution_codes, started now (None: verify_rows is off)."""
+    if not config.verify_rows:
+        return None
+    return _pool().submit(run_solutions, [r["solution_code"] for r in rows])
+
+
+def _checked(rows: list[dict], future: Future | None):
+    t = time.perf_counter()
+    checks = future.result() if future is not None else [None] * len(rows)
+    _add_time("sandbox_wait", t)
+    yield from _verdicts(rows, checks)
 
 
 def origin_of(template: dict) -> str:
@@ -492,6 +544,10 @@ def checked_rows(config: Config, rows: list[dict]):
     if not rows:
         return
     checks = run_solutions([r["solution_code"] for r in rows]) if config.verify_rows else [None] * len(rows)
+    yield from _verdicts(rows, checks)
+
+
+def _verdicts(rows: list[dict], checks: list):
     for row, check in zip(rows, checks):
         if check is not None and not (check.ok and same_answer(check.value, Fraction(row["result"]))):
             yield {**row, "code_answer": str(check.value) if check.ok else check.error}, "row_code_mismatch"

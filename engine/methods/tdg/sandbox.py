@@ -7,16 +7,19 @@ Each call starts one child `python -I -S -c <our fixed runner>` (isolated mode: 
 env vars) and sends it every code in the batch on stdin, so the start-up (~20 ms) is paid once per batch.
 The child:
   * runs with an EMPTY environment, in a fresh empty temporary directory, in its own session;
-  * has resource limits set before the interpreter starts: RLIMIT_AS (memory), RLIMIT_CPU (seconds for the
+  * sets its resource limits first thing, before it reads any code (not in a preexec_fn, which is unsafe
+    when the parent runs sandboxes from several threads): RLIMIT_AS (memory), RLIMIT_CPU (seconds for the
     whole batch), RLIMIT_NOFILE (no new descriptors beyond a few), RLIMIT_FSIZE = 0 (cannot write files),
     RLIMIT_NPROC = 0 where the kernel honours it (no fork), RLIMIT_CORE = 0;
   * on Linux tries `unshare(CLONE_NEWUSER | CLONE_NEWNET)` so it has no network at all; this is best effort
     (containers often forbid it), the other limits do not depend on it;
   * executes each code with a reduced set of builtins whose `__import__` admits only math and fractions
     (defence in depth: the code is rendered from whitelisted expressions, not written by the model);
-  * stops each `solution()` after `timeout_s` with an interval timer, and reports one JSON line per code.
-If the child dies (CPU limit, a C-level loop, a crash) the code it was running gets `killed` and the rest of
-the batch is retried in a new child. The parent enforces a wall-clock timeout as well.
+  * stops each `solution()` after `timeout_s` with an interval timer, and reports one JSON line per code,
+    buffered (no write system call per code).
+If the child dies (CPU limit, a C-level loop, a crash), its unflushed lines are lost, so the codes it did not
+report are run again in a careful child that flushes after each code; the code that kills that one gets
+`killed`, and the rest of the batch goes on in a new child. The parent enforces a wall-clock timeout as well.
 """
 from __future__ import annotations
 
@@ -28,7 +31,19 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 _RUNNER = r'''
-import sys, json, signal, math, fractions
+import sys, json, signal, math, fractions, resource
+def _limit(mem_bytes, cpu_s):
+    for res, val in ((resource.RLIMIT_AS, mem_bytes), (resource.RLIMIT_CPU, cpu_s), (resource.RLIMIT_FSIZE, 0),
+                     (resource.RLIMIT_NOFILE, 16), (resource.RLIMIT_CORE, 0),
+                     (getattr(resource, "RLIMIT_NPROC", None), 0)):
+        if res is None:
+            continue
+        try:
+            hard = val if res != resource.RLIMIT_CPU else val + 1  # soft CPU limit sends SIGXCPU first
+            resource.setrlimit(res, (val, hard))
+        except (ValueError, OSError):
+            pass
+_limit(int(sys.argv[1]), int(sys.argv[2]))
 try:
     import ctypes
     _libc = ctypes.CDLL(None, use_errno=True)
@@ -38,6 +53,7 @@ except Exception:
 payload = json.loads(sys.stdin.read())
 sys.stdin.close()
 timeout = float(payload["timeout"])
+careful = payload.get("careful", True)  # flush after every code (a retry after a child died: find the culprit)
 _real_import = __import__
 def _import(name, globals=None, locals=None, fromlist=(), level=0):
     if level != 0 or name.split(".")[0] not in ("math", "fractions"):
@@ -83,7 +99,9 @@ for i, code in enumerate(payload["codes"]):
         signal.setitimer(signal.ITIMER_REAL, 0)
         rec["error"] = "%s: %s" % (type(e).__name__, str(e)[:200])
     out.write(json.dumps(rec) + "\n")
-    out.flush()
+    if careful:
+        out.flush()
+out.flush()
 '''
 
 
@@ -97,6 +115,7 @@ class SandboxResult:
 
 
 def _limits(mem_bytes: int, cpu_s: int):
+    """A preexec_fn setting the same limits (legacy.py's children use it; ours set them themselves)."""
     def apply():  # runs in the child between fork and exec
         import resource
         for res, val in ((resource.RLIMIT_AS, mem_bytes), (resource.RLIMIT_CPU, cpu_s),
@@ -131,21 +150,11 @@ def run_solutions(codes: list[str], *, timeout_s: float = 1.0, mem_mb: int = 256
     batch_timeout_s  wall-clock limit of one child (default: 5 + timeout_s * len(codes))
     """
     results: list[SandboxResult | None] = [None] * len(codes)
-    start = 0
+    start, careful = 0, False
     while start < len(codes):
         pending = codes[start:]
         limit = batch_timeout_s or 5.0 + timeout_s * len(pending)
-        cpu = int(limit) + 1
-        with tempfile.TemporaryDirectory(prefix="tdg-sandbox-") as cwd:
-            try:
-                proc = subprocess.run(
-                    [python or sys.executable, "-I", "-S", "-c", _RUNNER],
-                    input=json.dumps({"timeout": timeout_s, "codes": pending}), capture_output=True, text=True,
-                    env={}, cwd=cwd, timeout=limit, preexec_fn=_limits(mem_mb * 2**20, cpu),
-                    start_new_session=True, close_fds=True)
-                stdout = proc.stdout
-            except subprocess.TimeoutExpired as e:  # subprocess.run kills the child
-                stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        stdout = _child(pending, timeout_s=timeout_s, mem_mb=mem_mb, limit=limit, careful=careful, python=python)
         done = 0
         for line in stdout.splitlines():
             try:
@@ -154,11 +163,27 @@ def run_solutions(codes: list[str], *, timeout_s: float = 1.0, mem_mb: int = 256
                 break
             results[start + rec["i"]] = _decode(rec)
             done = rec["i"] + 1
-        if done < len(pending):  # the child died on pending[done]: mark it, retry the rest in a new child
-            results[start + done] = SandboxResult(False, error="killed")
-            done += 1
+        if done < len(pending):
+            if careful:  # the careful child died on pending[done]: mark it, go on with the rest
+                results[start + done] = SandboxResult(False, error="killed")
+                done += 1
+            careful = not careful  # after a death, find its code carefully; after that, fast again
         start += done
     return results  # type: ignore[return-value]
+
+
+def _child(codes: list[str], *, timeout_s: float, mem_mb: int, limit: float, careful: bool,
+           python: str | None) -> str:
+    """One sandboxed child over `codes`: what it wrote to stdout (all of it, or up to where it died)."""
+    with tempfile.TemporaryDirectory(prefix="tdg-sandbox-") as cwd:
+        try:
+            proc = subprocess.run(
+                [python or sys.executable, "-I", "-S", "-c", _RUNNER, str(mem_mb * 2**20), str(int(limit) + 1)],
+                input=json.dumps({"timeout": timeout_s, "codes": codes, "careful": careful}), capture_output=True,
+                text=True, env={}, cwd=cwd, timeout=limit, start_new_session=True, close_fds=True)
+            return proc.stdout
+        except subprocess.TimeoutExpired as e:  # subprocess.run kills the child
+            return e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
 
 
 def same_answer(got: int | float | Fraction | None, exact: Fraction, *, rel: float = 1e-9) -> bool:
