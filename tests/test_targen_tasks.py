@@ -52,8 +52,9 @@ def test_character_offsets_point_at_the_span():
 
 
 def test_word_indices_point_at_the_span_as_in_superglue_wsc():
-    text = "Yesterday the dog, tired, slept because it ran."
-    assert word_index("the dog", text) == 1 and text.split()[1:3] == ["the", "dog,"]
+    text = "Yesterday the dog slept because it ran."
+    assert word_index("the dog", text) == 1 and text.split()[1:3] == ["the", "dog"]
+    assert word_index("dog", "The dog, tired, slept.") is None  # "dog," is not the word "dog" as written
     wsc = targen.load_task(CONFIGS / "targen" / "wsc.yaml")
     cols, reason = wsc.locate({"text": text, "span1_text": "the dog", "span2_text": "it"})
     assert reason is None and text.split()[cols["span2_index"]] == "it" and cols["span1_index"] == 1
@@ -86,6 +87,10 @@ def test_an_instance_whose_span_is_not_in_its_text_is_a_reject_with_a_reason():
     assert row["fields"]["text"] == request.meta["seed"]  # the seed is the text verbatim
     row, reason = stage.parse(request, _result({**good, "span1_text": "Tom"}))
     assert reason == "span: text does not contain span1_text 'Tom'"
+    row, reason = stage.parse(request, _result({**good, "span1_text": "Sam because she"}))
+    assert reason is None and row["spans"]["span1_index"] == 2
+    row, reason = stage.parse(request, _result({**good, "span1_text": "the boxes"}))  # "boxes." as written
+    assert reason == "span: span1_text 'the boxes' is not a run of words of text as written"
 
 
 def test_span_columns_must_not_clash_and_need_a_column():
@@ -196,13 +201,14 @@ def test_new_task_runs_end_to_end_and_publishes_the_corrected_label(runs, task):
     for r in rows:
         assert r["label"] == r["corrected_label"] and r["task"] == task
         assert r["label_changed"] == (r["initial_label"] != r["corrected_label"])
-        jsonschema.validate({f: r[f] for f in spec.fields}, spec.instance_schema())
+        mentions = {span.mentions for span in spec.spans}  # ReCoRD's entities: now {text, start, end}
+        jsonschema.validate({f: r[f] for f in spec.fields if f not in mentions},
+                            {**spec.instance_schema(), "required": [f for f in spec.fields if f not in mentions]})
         assert r["explanation"] and r["initial_explanation"]
         if task == "wsc":
-            words = [w.strip(".,;:!?\"'").casefold() for w in r["text"].split()]
-            span1 = r["span1_text"].casefold().split()
-            assert words[r["span1_index"]:r["span1_index"] + len(span1)] == span1
-            assert words[r["span2_index"]] == r["span2_text"].casefold()
+            words = r["text"].split()  # span texts are runs of these words as written (SuperGLUE WSC)
+            assert words[r["span1_index"]:r["span1_index"] + len(r["span1_text"].split())] == r["span1_text"].split()
+            assert words[r["span2_index"]] == r["span2_text"]
         if task == "record":
             assert r["query"].count("@placeholder") == 1 and r["answers"]
             for m in r["entities"] + r["answers"]:

@@ -256,7 +256,7 @@ class TaskSpec(BaseModel):
         props = {f: s for f, s in self.fields.items() if f not in given}
         for span in self.spans:
             if span.choose and values and span.within in values and span.field in props:
-                props[span.field] = _choosing(props[span.field], values[span.within], span.choose)
+                props[span.field] = _choosing(props[span.field], values[span.within], span.choose, bool(span.index))
         props["explanation"] = {"type": "string", "minLength": 10, "maxLength": 200}
         schema = {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
         return _instance_constraint(json.dumps(schema))  # not sorted: the model writes the fields in order
@@ -268,11 +268,11 @@ class TaskSpec(BaseModel):
                          if isinstance(v, str))
 
 
-def _choosing(schema: dict, text: str, most_words: int) -> dict:
+def _choosing(schema: dict, text: str, most_words: int, as_written: bool) -> dict:
     """`schema` (a string, or an array of strings) with its strings restricted to runs of words of `text`;
     unchanged when no run holds it (the instance is then a reject "span: ...")."""
     item = schema.get("items", schema) if schema.get("type") == "array" else schema
-    runs = span_candidates(text, most_words, item)
+    runs = span_candidates(text, most_words, item, as_written)
     if not runs or len(runs) < schema.get("minItems", 0):
         return schema
     choice = {"type": "string", "enum": runs}  # the runs already hold the item's other keywords

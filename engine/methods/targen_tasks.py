@@ -5,8 +5,9 @@ text it names is a reject with a reason. Two kinds of position, as in SuperGLUE:
 
   - characters (WiC start1/end1, ReCoRD entities/answers): `text[start:end]` is the span, end exclusive;
       locate("bank", "The Bank closed.") -> (4, 8)
-  - words (WSC span1_index): the index in `text.split()` of the span's first word, punctuation on a word ignored;
-      word_index("the dog", "Yesterday the dog, tired, slept.") -> 1
+  - words (WSC span1_index): the index in `text.split()` of the span's first word; the span is a run of those
+    words exactly as written (the SuperGLUE format), so "the dog" is not found in "the dog, tired":
+      word_index("the dog", "Yesterday the dog slept.") -> 1
 
 A task spec declares its spans (`spans:`, `Span`) and, where one label covers several answers, a named
 derivation (`derive:`, `DERIVE`) that builds the answer list from the published label.
@@ -67,19 +68,22 @@ class Span(BaseModel):
         if self.index:
             at = word_index(values[0], text)
             if at is None:
-                return {}, f"span: {self.field} {values[0]!r} is not a run of whole words of {self.within}"
+                return {}, f"span: {self.field} {values[0]!r} is not a run of words of {self.within} as written"
             out[self.index] = at
         if self.mentions:
             out[self.mentions] = [{"text": text[s:e], "start": s, "end": e} for spots in found for s, e in spots]
         return out, None
 
 
-def candidates(text: str, most_words: int, schema: dict) -> list[str]:
+def candidates(text: str, most_words: int, schema: dict, as_written: bool = False) -> list[str]:
     """Runs of 1..most_words words of `text`, punctuation at their edges removed, that hold `schema`, first
-    occurrence order: ("The cat saw it.", 2, {"pattern": "^[A-Z]"}) -> ["The", "The cat"]."""
+    occurrence order: ("The cat saw it.", 2, {"pattern": "^[A-Z]"}) -> ["The", "The cat"]. `as_written`: only
+    runs of words that have no punctuation at their edges (a word index span: "it." is not "it")."""
     import jsonschema
     valid = jsonschema.validators.validator_for(schema)(schema).is_valid
     words = [_EDGE.sub("", w) for w in text.split()]
+    if as_written:
+        words = [w if w == raw else "" for w, raw in zip(words, text.split())]
     out: list[str] = []
     for i in range(len(words)):
         for n in range(1, most_words + 1):
@@ -108,10 +112,8 @@ _EDGE = re.compile(r"^\W+|\W+$")
 
 
 def word_index(span: str, text: str) -> int | None:
-    """Index in `text.split()` where the words of `span` start, punctuation and case ignored; None if absent."""
-    def words(s: str) -> list[str]:
-        return [_EDGE.sub("", w).casefold() for w in s.split()]
-    tokens, wanted = words(text), words(span)
+    """Index in `text.split()` where the words of `span` start, as written; None if absent."""
+    tokens, wanted = text.split(), span.split()
     if not wanted:
         return None
     return next((i for i in range(len(tokens) - len(wanted) + 1) if tokens[i:i + len(wanted)] == wanted), None)
