@@ -137,7 +137,24 @@ def make_venv(path: Path, system_site_packages: bool) -> Path:
     if not venv_python(path).exists():
         venv.EnvBuilder(with_pip=False, system_site_packages=system_site_packages, symlinks=os.name != "nt",
                         upgrade_deps=False).create(path)
+    if system_site_packages:
+        see_running_environment(path)
     return venv_python(path)
+
+
+def see_running_environment(venv_dir: Path) -> None:
+    """When the Python running install.py is itself a venv (the H200 image's python3 is /opt/torch/.venv, which
+    holds torch), `system_site_packages` shows only its base interpreter's packages: torch and
+    typing_extensions were missing there. A .pth file puts the running venv's site-packages after the new
+    venv's own, so the bundle's wheels still come first."""
+    if sys.prefix == sys.base_prefix:
+        return
+    import site
+    theirs = [p for p in site.getsitepackages() if Path(p).is_dir()]
+    for ours in venv_dir.glob("lib/python*/site-packages"):
+        (ours / "_sdg_server_site.pth").write_text("".join(f"{p}\n" for p in theirs))
+    for ours in venv_dir.glob("Lib/site-packages"):
+        (ours / "_sdg_server_site.pth").write_text("".join(f"{p}\n" for p in theirs))
 
 
 def ensure_pip(venv_dir: Path, python: Path, wheels: Path) -> None:

@@ -172,3 +172,31 @@ def test_bundle_installs_offline_into_a_fresh_venv_and_generates(cpu_bundle, tmp
     assert generated == len(subset)
     assert "dataset:" in run.stdout
     shutil.rmtree(dest / "wheels")  # 1 GB the rest of the suite does not need
+
+
+def test_a_server_python_that_is_itself_a_venv_keeps_its_packages(tmp_path):
+    """The H200 image's python3 is a venv (/opt/torch/.venv) holding torch: install.py run by it must give the
+    bundle's venv that venv's packages (as it did by hand on the GPU machine), after the bundle's own."""
+    server = tmp_path / "server-venv"
+    subprocess.run([_base_python(), "-m", "venv", "--without-pip", str(server)], check=True, timeout=120)
+    (next(server.glob("lib/python*/site-packages")) / "server_only_marker.py").write_text("WHERE = 'server'\n")
+    installer = Path(__file__).resolve().parents[1] / "engine" / "bundle_install.py"
+    bundle_venv = tmp_path / "dest" / "venv"
+    code = (f"import sys; sys.path.insert(0, {str(installer.parent)!r}); import bundle_install; "
+            f"bundle_install.make_venv(__import__('pathlib').Path({str(bundle_venv)!r}), True)")
+    subprocess.run([server / "bin" / "python", "-c", code], check=True, timeout=120)
+    seen = subprocess.run([bundle_venv / "bin" / "python", "-c",
+                           "import json, sys, server_only_marker; print(server_only_marker.WHERE); print(json.dumps(sys.path))"],
+                          capture_output=True, text=True, timeout=120)
+    assert seen.returncode == 0, seen.stderr
+    where, path = seen.stdout.splitlines()
+    assert where == "server"
+    own = next(i for i, p in enumerate(json.loads(path)) if p.startswith(str(bundle_venv)))
+    theirs = next(i for i, p in enumerate(json.loads(path)) if p.startswith(str(server)))
+    assert own < theirs  # the bundle's wheels shadow the server's copies, as the manifest promises
+
+    isolated = tmp_path / "isolated" / "venv"
+    subprocess.run([server / "bin" / "python", "-c", code.replace(str(bundle_venv), str(isolated))
+                    .replace(", True)", ", False)")], check=True, timeout=120)
+    assert subprocess.run([isolated / "bin" / "python", "-c", "import server_only_marker"],
+                          capture_output=True, timeout=120).returncode != 0
