@@ -340,7 +340,7 @@ class Config(BaseModel):
     """How many of the spec's few-shot examples each prompt shows; None: all."""
     sampling: Sampling = Field(default_factory=lambda: Sampling(max_tokens=200, temperature=0.8, top_p=0.95))
     """Steps 1-3. An output cut off by max_tokens is a reject ('truncated')."""
-    correction_sampling: Sampling = Field(default_factory=lambda: Sampling(max_tokens=120, temperature=0.0))
+    correction_sampling: Sampling = Field(default_factory=lambda: Sampling(max_tokens=200, temperature=0.0))
     """Step 4 (greedy by default: the model's own best label)."""
 
     @field_validator("task", mode="before")
