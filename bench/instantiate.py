@@ -11,8 +11,9 @@ Both on one core; ours also with every core.
 templates verified, every row checked twice, stage commits, publishing with TDG's quality defaults) and reports
 its peak RSS, its rows per CPU-second (its own CPU and its sandbox children's: "per core") against the exec
 loop's (measured just before and just after it, in this run), and the time of every phase. --near-rows N also
-times near-dup detection (MinHash LSH, engine.quality.dedup.NearDedup) over the first N published rows, once
-over all of them and once within each template, in another child (TDG publishes with it off).
+times near-dup detection (MinHash LSH, engine.quality.dedup.NearDedup) over the first N rows the CLI run published
+(without --cli-rows: N instances of the seed templates), once over all of them and once within each template,
+each in a child of its own (TDG publishes with it off).
 Writes bench/results/instantiate-<tag>.json.
 """
 from __future__ import annotations
@@ -144,25 +145,46 @@ print(json.dumps({{"rows": len(items), "seconds": round(time.perf_counter() - t,
 """
 
 
-def near_dedup_cost(n_rows: int, work: Path) -> dict:
-    """Near-dup detection over the first n_rows rows published in `work`/run (by a CLI run, made now if there is
-    none), within each template and globally, each in a child of its own (for its peak RSS)."""
+def _published(data: Path, cols: list[str]):
     import pyarrow.parquet as pq
-    data = work / "run" / "data"
-    if not data.is_dir():
-        cli_run(n_rows, work)
-    path = work / "texts.parquet"
+    for f in sorted(data.glob("*.parquet")):
+        yield pq.read_table(f, columns=cols)
+
+
+def _instances(n_rows: int, cols: list[str]):
+    """n_rows instances of the seed templates as the problems stage keys them (no CLI run: faster)."""
+    import pyarrow as pa
+
+    from engine.methods.tdg.instantiate import instantiate
+    from engine.request import stable_hash
+    specs, rows = seed_specs(), []
+    for r in instantiate(specs, n_per_template=-(-n_rows // len(specs)), seed=0, workers=1):
+        rows.append({**r, "key": stable_hash(["tdg-problem", 0, r["template_id"], r["problem_id"]])})
+        if len(rows) == 100_000:
+            yield pa.Table.from_pylist(rows).select(cols)
+            rows = []
+    if rows:
+        yield pa.Table.from_pylist(rows).select(cols)
+
+
+def near_dedup_cost(n_rows: int, work: Path, done=lambda out: None) -> dict:
+    """Near-dup detection over the first n_rows rows published in `work`/run by a CLI run (without one: n_rows
+    instances of the seed templates, before exact dedup), globally and within each template, each in a child of
+    its own (for its peak RSS)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    data, path = work / "run" / "data", work / "texts.parquet"
     cols = ["key", "template_id", "problem", "solution_wocode"]
-    files = sorted(data.glob("*.parquet"))
-    with pq.ParquetWriter(path, pq.read_table(files[0], columns=cols).schema) as w:
-        for f in files:
-            w.write_table(pq.read_table(f, columns=cols))
+    with pq.ParquetWriter(path, pa.schema([(c, pa.string()) for c in cols])) as w:
+        for table in (_published(data, cols) if data.is_dir() else _instances(n_rows, cols)):
+            w.write_table(table)
     out = {}
-    for mode in ("per_template", "global"):
+    for mode in ("global", "per_template"):
         code = _NEAR_CHILD.format(root=str(ROOT), path=str(path), n=n_rows, mode=mode)
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         out[mode] = (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0
                      else {"error": proc.stderr[-500:]})
+        done(out)
     return out
 
 
@@ -190,7 +212,9 @@ def main(argv=None) -> dict:
             result["cli_both_checks"] = both_checks(n_cli, specs, args.baseline_per_template, Path(work))
             path.write_text(json.dumps(result, indent=2) + "\n")  # kept if near dedup runs out of time
         if args.near_rows:
-            result["near_dedup"] = near_dedup_cost(args.near_rows, Path(work))
+            def save(near: dict) -> None:
+                path.write_text(json.dumps({**result, "near_dedup": near}, indent=2) + "\n")
+            result["near_dedup"] = near_dedup_cost(args.near_rows, Path(work), save)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"ours (1 core)      {result['ours_rows_per_s']:>10,} rows/s")
     print(f"baseline (1 core)  {result['baseline_rows_per_s']:>10,} rows/s   speed-up {result['speedup']}x")
