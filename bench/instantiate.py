@@ -99,6 +99,7 @@ def phases(r: dict) -> dict:
 def both_checks(n_rows: int, specs, baseline_n: int, work: Path) -> dict:
     """The CLI run between two measurements of the exec loop (one core), all in this run."""
     from tdg_baseline import baseline_cpu_rows_per_s
+
     from engine.methods.tdg.template import check_template
     checked = [check_template(s.raw, source=s.source) for s in specs]
     before = baseline_cpu_rows_per_s(checked, n_per_template=baseline_n)
@@ -221,7 +222,8 @@ def main(argv=None) -> dict:
     print(f"ours ({workers} workers)   {result['all_cores_rows_per_s']:>10,} rows/s")
     if n_cli:
         c = result["cli_both_checks"]
-        print(f"sdg tdg instantiate, both checks: {c['rows']:,} rows in {c['wall_s']}s, peak RSS {c['peak_rss_mib']} MiB,"
+        print(f"sdg tdg instantiate, both checks: {c['rows']:,} rows in {c['wall_s']}s, "
+              f"peak RSS {c['peak_rss_mib']} MiB,"
               f" {c['rows_per_cpu_s']:,} rows per CPU-s vs the exec loop's {c['baseline_rows_per_cpu_s']:,}:"
               f" {c['per_core_speedup']}x per core")
         print("phases (s): " + ", ".join(f"{k} {v}" for k, v in c["phases_s"].items()))

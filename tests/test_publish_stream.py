@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import pyarrow.parquet as pq
 
-import engine.store.publish as publish
 from engine.quality import QualityConfig
-from engine.store import RunStore
+from engine.store import RunStore, publish
 
 CONFIG = {"method": "demo", "seed": 7, "model": "tiny", "sampling": {"temperature": 0.7}}
 
 
 def _row(i: int) -> dict:
-    row = {"key": f"k{(i * 7919) % 1000:04d}", "text": f"row {i % 40} says " + " ".join(f"w{i % 40}x{j}" for j in range(6)),
-           "n": i}
+    words = " ".join(f"w{i % 40}x{j}" for j in range(6))
+    row = {"key": f"k{(i * 7919) % 1000:04d}", "text": f"row {i % 40} says {words}", "n": i}
     if i % 9 == 0:
         row["v"] = "text" if i > 60 else i  # int in early key ranges, str later: one text column in the end
     if i > 50:

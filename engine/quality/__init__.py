@@ -20,8 +20,8 @@ from engine.quality.decontam import QualityError, build_index, check_file
 from engine.quality.dedup import ExactDedup, NearDedup, normalize
 from engine.quality.diversity import diversity_report
 
-__all__ = ["QualityConfig", "DecontamFile", "Removal", "QualityError", "apply_filters", "diversity_report",
-           "normalize", "REASONS", "Filters"]
+__all__ = ["REASONS", "DecontamFile", "Filters", "QualityConfig", "QualityError", "Removal", "apply_filters",
+           "diversity_report", "normalize"]
 
 REASONS = ("contaminated", "exact_duplicate", "near_duplicate")
 
@@ -163,7 +163,8 @@ class Filters:
             items = _without(items, removals)
         t = self._lap("exact_dedup", t)
         if self.near is not None:
-            removals += [Removal(k, "near_duplicate", kept, f"jaccard={j}") for k, (kept, j) in self.near.feed(items).items()]
+            near = self.near.feed(items)
+            removals += [Removal(k, "near_duplicate", kept, f"jaccard={j}") for k, (kept, j) in near.items()]
         self._lap("near_dedup", t)
         return sorted(removals, key=lambda r: r.key)
 

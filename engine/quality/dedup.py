@@ -91,7 +91,8 @@ class NearDedup:
     are its state (num_perm * 8 bytes and LSH buckets per kept row: it grows with the kept rows)."""
 
     def __init__(self, *, threshold: float, num_perm: int, shingle: int, seed: int) -> None:
-        from datasketch import MinHashLSH  # here, not at the top: it costs ~0.5 s (scipy) per CLI start
+        # imported here, not at the top: it costs ~0.5 s (scipy) per CLI start
+        from datasketch import MinHashLSH
         self.threshold, self.num_perm, self.shingle, self.seed = threshold, num_perm, shingle, seed
         self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
         self.kept: dict = {}

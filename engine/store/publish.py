@@ -94,7 +94,7 @@ class PublishMixin:
         _lap("manifest", t)
         return m
 
-    def _publish_parts(self, scan: "_Scan", schema: pa.Schema, quality: QualityConfig):
+    def _publish_parts(self, scan: _Scan, schema: pa.Schema, quality: QualityConfig):
         """data/train-*.parquet from the kept parts, DATA_SHARD_ROWS rows each, and the diversity figures
         of their texts (sampled now that the kept count is known). Returns (files, num_bytes, diversity)."""
         div = Diversity(scan.kept_rows, sample=quality.diversity_sample, distinct_sample=quality.distinct_sample,

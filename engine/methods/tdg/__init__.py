@@ -25,7 +25,6 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
-
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -41,6 +40,7 @@ from engine.methods.tdg.verify import verify_template, verify_templates
 from engine.pipeline.stages import Compute, Each, Generate, Pipeline, Publish, Whole
 from engine.prompting import render
 from engine.request import Request, Result, Sampling, stable_hash
+
 
 class Config(BaseModel):
     """The `params:` of a TDG run config."""
