@@ -83,15 +83,18 @@ def cli_run(n_rows: int, work: Path) -> dict:
 def phases(r: dict) -> dict:
     """Seconds of each phase of the CLI run. The parent instantiates while sandbox children check earlier
     batches, so 'sandbox re-run' is the children's CPU seconds; 'stage commits' is the rest of the generating
-    part (rows to JSON and stage shards, template verification, the pipeline's own work)."""
+    part (rows to JSON and stage shards, template verification, the pipeline's own work) but the problems stage's
+    figures, which read every row back."""
     pub = r["publish"]
     publishing = sum(v for k, v in pub.items() if not k.startswith("filter_"))
     generating = r["wall_s"] - publishing
     dedup = sum(v for k, v in pub.items() if k.startswith("filter_"))
     inst, wait = r["phases"].get("instantiate", 0.0), r["phases"].get("sandbox_wait", 0.0)
+    figures = r["phases"].get("problem_figures", 0.0)
     return {k: round(v, 2) for k, v in {
         "instantiation": inst, "sandbox_rerun_cpu": r["sandbox_cpu_s"], "sandbox_wait": wait,
-        "stage_commits": generating - inst - wait, "publish_sort": pub.get("sort", 0.0),
+        "stage_commits": generating - inst - wait - figures, "problem_figures": figures,
+        "publish_sort": pub.get("sort", 0.0),
         "publish_scan_without_dedup": pub.get("scan", 0.0) - dedup, "dedup": dedup,
         "publish_writing": pub.get("write", 0.0) + pub.get("manifest", 0.0), "total_wall": r["wall_s"]}.items()}
 

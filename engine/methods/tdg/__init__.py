@@ -472,9 +472,11 @@ def problem_figures(config: Config):
     def figures(reader) -> dict:
         per_template: dict[str, int] = {}
         repeats = 0
-        for row in reader.iter_rows("problems"):
+        t = time.perf_counter()
+        for row in reader.iter_rows("problems"):  # every row read back: timed for bench/ (PHASE_SECONDS)
             per_template[row["template_id"]] = per_template.get(row["template_id"], 0) + 1
             repeats += row.get("repeat_of", -1) >= 0
+        _add_time("problem_figures", t)
         rows = sum(per_template.values())
         return {"instances": rows, "instance_templates": len(per_template),
                 "templates_short": sum(n < config.problems_per_template for n in per_template.values()),
