@@ -76,6 +76,8 @@ POLICIES = ("relabel", "drop", "keep_both")
 RESERVED = frozenset({"key", "task", "label", "target_label", "initial_label", "corrected_label", "label_changed",
                       "explanation", "initial_explanation", "round", "attempt", "context", "context_key", "seed", "seed_key", "instance_key",
                       "correction_key", "model", "sampling_seed", "fields"})
+# One sentence, ended by its first full stop: a 135M model otherwise runs on until maxLength cuts it (a reject).
+EXPLANATION = {"type": "string", "pattern": r"^[^.\n]{10,160}[.]$"}
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _MENTION = re.compile(r"`([^`]+)`")  # a field or label named in prose: `premise`
 
@@ -257,7 +259,7 @@ class TaskSpec(BaseModel):
         for span in self.spans:
             if span.choose and values and span.within in values and span.field in props:
                 props[span.field] = _choosing(props[span.field], values[span.within], span.choose, bool(span.index))
-        props["explanation"] = {"type": "string", "minLength": 10, "maxLength": 200}
+        props["explanation"] = EXPLANATION
         schema = {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
         return _instance_constraint(json.dumps(schema))  # not sorted: the model writes the fields in order
 
