@@ -25,11 +25,14 @@ def key_hash(key: str) -> int:
 
 
 class KeyIndex:
-    """A set of keys: a sorted uint64 array of their hashes, plus a small set of recent ones merged into it in
-    batches (so adding n keys costs O(n log n) in all, not O(n) each)."""
+    """A set of keys: sorted uint64 arrays of their hashes (levels, each at least twice the size of the next),
+    plus a small set of recent ones merged in batches. A batch is merged with the smallest levels only while
+    they are no larger than twice its size, like a binary counter, so adding n keys costs O(n log n) in all;
+    one sorted array rebuilt on every batch cost O(n) per batch, which dominated 1M-row TDG runs (profiled:
+    np.union1d 8 s of 100 s at 200,000 rows, growing with the square of the rows)."""
 
     def __init__(self) -> None:
-        self._sorted = np.empty(0, dtype=np.uint64)
+        self._levels: list[np.ndarray] = []  # disjoint, sorted, largest first
         self._recent: set[int] = set()
 
     def update(self, keys: Iterable[str]) -> None:
@@ -43,18 +46,37 @@ class KeyIndex:
 
     def _merge(self) -> None:
         fresh = np.fromiter(self._recent, dtype=np.uint64, count=len(self._recent))
-        self._sorted = np.union1d(self._sorted, fresh)
+        fresh.sort()
+        fresh = fresh[~self._held(fresh)]  # levels stay disjoint, so their sizes add up to len()
         self._recent = set()
+        while self._levels and len(self._levels[-1]) <= 2 * len(fresh):
+            merged = np.concatenate([self._levels.pop(), fresh])
+            merged.sort(kind="stable")
+            fresh = merged
+        if len(fresh):
+            self._levels.append(fresh)
+
+    def _held(self, hashes: np.ndarray) -> np.ndarray:
+        """For each hash, whether a level holds it."""
+        found = np.zeros(len(hashes), dtype=bool)
+        for level in self._levels:
+            i = np.minimum(np.searchsorted(level, hashes), len(level) - 1)
+            found |= level[i] == hashes
+        return found
 
     def __contains__(self, key: str) -> bool:
         h = key_hash(key)
         if h in self._recent:
             return True
-        i = int(np.searchsorted(self._sorted, np.uint64(h)))
-        return i < len(self._sorted) and int(self._sorted[i]) == h
+        wanted = np.uint64(h)
+        for level in self._levels:
+            i = int(np.searchsorted(level, wanted))
+            if i < len(level) and level[i] == wanted:
+                return True
+        return False
 
     def __len__(self) -> int:
         """Distinct keys held."""
         if self._recent:
             self._merge()
-        return len(self._sorted)
+        return sum(len(level) for level in self._levels)
