@@ -88,7 +88,8 @@ def candidates(text: str, most_words: int, schema: dict, as_written: bool = Fals
     for i in range(len(words)):
         for n in range(1, most_words + 1):
             run = " ".join(words[i:i + n])
-            if i + n <= len(words) and all(words[i:i + n]) and run not in out and valid(run):
+            if (i + n <= len(words) and all(words[i:i + n]) and run not in out and valid(run)
+                    and _occurrences(run, text, False)):  # "London, England" offers no "London England"
                 out.append(run)
     return out
 
