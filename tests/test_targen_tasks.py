@@ -67,6 +67,7 @@ def test_record_mentions_are_every_occurrence_and_missing_spans_are_rejects():
               "answer": "Bo Park"}
     cols, reason = record.locate(fields)
     assert reason is None and len(cols["answers"]) == 2
+    assert record.locate({**fields, "entities": ["Bo Park", "Bo Park"]})[0]["entities"] == cols["answers"]
     for mention in cols["entities"] + cols["answers"]:
         assert passage[mention["start"]:mention["end"]] == mention["text"]
     _, reason = record.locate({**fields, "entities": ["Ann Lee", "Carl Berg"]})

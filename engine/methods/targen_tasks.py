@@ -71,7 +71,8 @@ class Span(BaseModel):
                 return {}, f"span: {self.field} {values[0]!r} is not a run of words of {self.within} as written"
             out[self.index] = at
         if self.mentions:
-            out[self.mentions] = [{"text": text[s:e], "start": s, "end": e} for spots in found for s, e in spots]
+            spots = dict.fromkeys(spot for spots in found for spot in spots)  # a value listed twice: once
+            out[self.mentions] = [{"text": text[s:e], "start": s, "end": e} for s, e in spots]
         return out, None
 
 
