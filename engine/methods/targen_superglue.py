@@ -23,10 +23,7 @@ Every row is checked before anything is written; all problems are reported in on
 from __future__ import annotations
 
 import json
-import os
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +32,7 @@ import pyarrow.parquet as pq
 
 from engine.request import stable_hash
 from engine.store import StoreError
+from engine.store.files import atomic_text
 
 BOOL = {"true": True, "false": False}
 NLI2 = {"entailment": "entailment", "not_entailment": "not_entailment"}
@@ -276,21 +274,10 @@ def export(run_dir: Path, to: Path) -> int:
     layout, lines = LAYOUTS[task], superglue_lines(task, rows)
     path = to / layout.folder / layout.file
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _atomic(path) as fh:
+    with atomic_text(path) as fh:
         fh.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
-    with _atomic(to / "README.md") as fh:
+    with atomic_text(to / "README.md") as fh:
         fh.write(CARD.format(run=run_dir.name, rows=len(rows), task=task, lines=len(lines),
                              path=path.relative_to(to).as_posix(), note=NOTES.get(task, "")))
     return len(rows)
 
-
-@contextmanager
-def _atomic(path: Path) -> Iterator:
-    """A text file written to a temporary name, renamed onto `path` when complete."""
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            yield fh
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import uuid
 from collections import Counter
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -85,3 +87,15 @@ def parquet_bytes(table: pa.Table) -> bytes:
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
+
+@contextmanager
+def atomic_text(path: Path):
+    """A text file written to a temporary name, renamed onto `path` when complete (exports: a reader never
+    sees half a file)."""
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            yield fh
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import re
-import uuid
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import pyarrow.parquet as pq
 
 from engine.request import stable_hash
+from engine.store.files import atomic_text
 
 FIELDS = {"problem": "string", "solution_code": "string", "result": "string", "solution_wocode": "string",
           "source": "string", "template_id": "int64", "problem_id": "int64"}
@@ -136,23 +134,12 @@ def export(out: Path, to: Path) -> int:
     to.mkdir(parents=True, exist_ok=True)
     data = to / "templategsm.jsonl"
     n, templates = 0, set()
-    with _atomic(data) as fh:
+    with atomic_text(data) as fh:
         for row in map(templategsm_row, rows_of(out)):
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
             n += 1
             templates.add(row["template_id"])
-    with _atomic(to / "README.md") as fh:
+    with atomic_text(to / "README.md") as fh:
         fh.write(CARD.format(run=out.name, rows=n, templates=len(templates), data=data.name))
     return n
 
-
-@contextmanager
-def _atomic(path: Path):
-    """A text file written to a temporary name, renamed onto `path` when complete."""
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            yield fh
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
