@@ -149,12 +149,14 @@ def test_targen_choices_must_differ_from_each_other_and_the_premise():
     spec = targen.load_task(ROOT / "configs" / "targen" / "copa.yaml")
     assert targen.choice_groups(spec) == [["premise", "choice1", "choice2"]]
     parse = targen.instance_row(spec)
-    request = chat("instance", spec.constraint(), target_label="choice1")
+    # As step 3 asks it: the seed is the premise and the question is drawn; the model writes the choices
+    given = {"premise": "The smoke alarm started to beep.", "question": "cause"}
+    request = chat("instance", spec.generation_constraint(True, given), target_label="choice1", given=given)
 
     def reason(**fields) -> str | None:
-        base = {"premise": "The smoke alarm started to beep.", "question": "cause",
-                "choice1": "The water in it came to a boil.", "choice2": "Someone painted the kitchen."}
-        return parse(request, result_of(request, json.dumps({**base, **fields})))[1]
+        written = {"choice1": "The water in it came to a boil.", "choice2": "Someone painted the kitchen.",
+                   "explanation": "Boiling water makes steam."}
+        return parse(request, result_of(request, json.dumps({**written, **fields})))[1]
 
     assert reason() is None
     assert reason(choice2="the water in it came to a BOIL") == "choices_not_distinct: choice1 = choice2"
