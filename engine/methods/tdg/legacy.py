@@ -79,7 +79,7 @@ Text/code agreement (the `text_code_mismatch` rule). Quantities are read from ea
   them. Numbers are compared as floats within relative 1e-9.
 
 The sandbox (both children): `python -I -S -B` with an empty environment in an empty temporary directory, its
-own session, rlimits set before exec (sandbox._limits: RLIMIT_AS=mem_mb, RLIMIT_CPU, RLIMIT_FSIZE=0,
+own session, rlimits set by the child before it reads any code (sandbox.LIMITS: RLIMIT_AS=mem_mb, RLIMIT_CPU, RLIMIT_FSIZE=0,
 RLIMIT_NOFILE=16, RLIMIT_NPROC=0 where the kernel applies it to the user (not to root), RLIMIT_CORE=0),
 `unshare(CLONE_NEWUSER|CLONE_NEWNET)` tried (best effort), MODULES imported before any template code,
 then an audit hook that refuses every event except compile/exec/builtins.id (open, os.*, subprocess.*, socket.*,
@@ -107,7 +107,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Iterator
 
-from engine.methods.tdg.sandbox import _limits
+from engine.methods.tdg.sandbox import LIMITS
 from engine.methods.tdg.verify import Verdict
 from engine.request import stable_hash
 
@@ -590,7 +590,7 @@ for i, task in enumerate(payload["tasks"]):
     _out.flush()
 '''
 
-_RUNNER = inspect.getsource(audit_source) + _RUNNER_BODY
+_RUNNER = LIMITS + inspect.getsource(audit_source) + _RUNNER_BODY
 
 GRACE_S = 1.0
 """Seconds past `timeout_s` the parent waits for an instance's answer before it kills the child."""
@@ -620,9 +620,9 @@ def _spawn(mode: str, tasks: list[dict], common: dict, *, timeout_s: float, mem_
     recs: dict[int, dict] = {}
     got = 0
     with tempfile.TemporaryDirectory(prefix="tdg-legacy-") as cwd:
-        proc = subprocess.Popen([sys.executable, "-I", "-S", "-B", "-c", _RUNNER], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={}, cwd=cwd,
-                                preexec_fn=_limits(mem_mb * 2**20, cpu), start_new_session=True, close_fds=True)
+        proc = subprocess.Popen([sys.executable, "-I", "-S", "-B", "-c", _RUNNER, str(mem_mb * 2**20), str(cpu)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={},
+                                cwd=cwd, start_new_session=True, close_fds=True)
         try:
             try:
                 proc.stdin.write(payload)

@@ -30,9 +30,10 @@ import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
 
-_RUNNER = r'''
-import sys, json, signal, math, fractions, resource
-def _limit(mem_bytes, cpu_s):
+LIMITS = r'''
+import sys
+def _sdg_limits(mem_bytes, cpu_s):
+    import resource
     for res, val in ((resource.RLIMIT_AS, mem_bytes), (resource.RLIMIT_CPU, cpu_s), (resource.RLIMIT_FSIZE, 0),
                      (resource.RLIMIT_NOFILE, 16), (resource.RLIMIT_CORE, 0),
                      (getattr(resource, "RLIMIT_NPROC", None), 0)):
@@ -43,7 +44,14 @@ def _limit(mem_bytes, cpu_s):
             resource.setrlimit(res, (val, hard))
         except (ValueError, OSError):
             pass
-_limit(int(sys.argv[1]), int(sys.argv[2]))
+_sdg_limits(int(sys.argv[1]), int(sys.argv[2]))
+del _sdg_limits
+'''
+"""The first lines of every sandbox child (ours and legacy.py's): its resource limits, from argv[1] (bytes of
+address space) and argv[2] (CPU seconds), set before it reads any code."""
+
+_RUNNER = LIMITS + r'''
+import json, signal, math, fractions
 try:
     import ctypes
     _libc = ctypes.CDLL(None, use_errno=True)
@@ -112,23 +120,6 @@ class SandboxResult:
     ok: bool
     value: int | float | Fraction | None = None
     error: str | None = None
-
-
-def _limits(mem_bytes: int, cpu_s: int):
-    """A preexec_fn setting the same limits (legacy.py's children use it; ours set them themselves)."""
-    def apply():  # runs in the child between fork and exec
-        import resource
-        for res, val in ((resource.RLIMIT_AS, mem_bytes), (resource.RLIMIT_CPU, cpu_s),
-                         (resource.RLIMIT_FSIZE, 0), (resource.RLIMIT_NOFILE, 16), (resource.RLIMIT_CORE, 0),
-                         (getattr(resource, "RLIMIT_NPROC", None), 0)):
-            if res is None:
-                continue
-            try:
-                hard = val if res != resource.RLIMIT_CPU else val + 1  # soft CPU limit sends SIGXCPU first
-                resource.setrlimit(res, (val, hard))
-            except (ValueError, OSError):
-                pass
-    return apply
 
 
 def _decode(rec: dict) -> SandboxResult:
