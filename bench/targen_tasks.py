@@ -17,7 +17,6 @@ import platform
 import time
 from pathlib import Path
 
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ("boolq", "cb", "copa", "rte", "wic", "wsc", "record", "multirc", "axb", "axg")
@@ -28,28 +27,26 @@ def config_path(task: str) -> Path:
     return ROOT / "configs" / f"targen_{task}.yaml"
 
 
+def run_config(task: str, **overrides):
+    """configs/targen_<task>.yaml read as `sdg run` reads it (its `quality:` too), with `overrides` on top of its
+    params (smaller sizes for tests)."""
+    from engine.pipeline.run import load_run_config
+    config = load_run_config(config_path(task))
+    return config.model_copy(update={"params": {**config.params, **overrides}}) if overrides else config
+
+
 def task_config(task: str, **overrides):
-    """The run config's TarGEN params for `task` (task spec path resolved from the config's folder), with
-    `overrides` on top (smaller sizes for tests)."""
-    from engine.methods import targen
-    path = config_path(task)
-    params = dict(yaml.safe_load(path.read_text())["params"])
-    params["task"] = str((path.parent / params["task"]).resolve())
-    return targen.Config.model_validate({**params, **overrides})
+    """The run config's TarGEN params for `task` (task spec path resolved from the config's folder)."""
+    from engine.pipeline.run import method_config
+    return method_config(run_config(task, **overrides))
 
 
-def run_task(config, backend, out: Path) -> dict:
-    """One whole TarGEN run of `config` on the lent engine, published and finalized; returns its manifest."""
-    from engine.methods import Context, targen
-    from engine.pipeline.core import Executor
-    from engine.quality import QualityConfig
-    from engine.store import RunStore
-    quality = QualityConfig()
-    payload = {"method": "targen", "params": config.model_dump(mode="json")}
-    with RunStore.open(out, payload) as store:
-        pipeline = targen.pipeline(config, Context(out=store.out, seed=0, model_name="smollm2", progress=False))
-        Executor(pipeline, store, {"main": lambda: backend}, seed=0, quality=quality, progress=False).run()
-        return store.finalize(pipeline.publish.stage, quality=quality, text_fields=pipeline.publish.text_fields)
+def run_task(task: str, backend, out: Path, **overrides) -> dict:
+    """One whole `sdg run` of the task's config on the lent engine (run_method: the config's quality settings,
+    published and finalized); returns its manifest."""
+    from engine.pipeline.run import run_method
+    _, manifest, _ = run_method(run_config(task, **overrides), out, progress=False, engines={"main": lambda: backend})
+    return manifest
 
 
 def dataset_figures(manifest: dict) -> dict:
@@ -80,10 +77,11 @@ def markdown(lines: list[dict]) -> str:
 def measure(task: str, backend, root: Path, rows: int | None) -> dict:
     """Run `task`'s config (rows overridden if given), export it as SuperGLUE, and return its table line."""
     from engine.methods.targen_superglue import export
-    config = task_config(task, **({"rows": rows} if rows else {}))
+    overrides = {"rows": rows} if rows else {}
+    config = task_config(task, **overrides)
     out, start = root / task, time.perf_counter()
     try:
-        manifest = run_task(config, backend, out)
+        manifest = run_task(task, backend, out, **overrides)
     except Exception as e:  # noqa: BLE001 - recorded (e.g. nothing published); the other tasks still run
         return {"task": task, "rows_asked": config.rows, "rows_published": 0, "flip_rate": None,
                 "distinct_contexts": None, "seconds": round(time.perf_counter() - start, 1), "error": str(e)}

