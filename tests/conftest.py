@@ -45,12 +45,12 @@ def sdg(*args: str, env: dict | None = None, timeout: int = 900, cwd: Path | Non
 
 # ------------------------------------------------------------------------------ replicas of a method, in threads
 
-def committed_keys(out: Path) -> dict[str, list[str]]:
-    """Every committed key of every stage (rows and rejects), read from the shard files: a key listed twice
-    was committed twice."""
+def committed_keys(out: Path, kinds: tuple[str, ...] = ("stages", "rejects")) -> dict[str, list[str]]:
+    """Every committed key of every stage (rows and rejects; `kinds=("stages",)`: rows only), read from the
+    shard files: a key listed twice was committed twice."""
     import pyarrow.parquet as pq
     keys: dict[str, list[str]] = {}
-    for kind in ("stages", "rejects"):
+    for kind in kinds:
         for f in sorted((out / kind).glob("*/*.parquet")):
             if not f.parent.name.startswith("_") and not f.name.startswith("."):  # not a temp file
                 keys.setdefault(f.parent.name, []).extend(pq.read_table(f).column("key").to_pylist())

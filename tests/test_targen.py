@@ -241,10 +241,8 @@ def test_two_replicas_split_the_steps_and_record_the_dataset_once(vllm_backend, 
     asked_keys = {r.key for r in asked[0] + asked[1]}
     for stage in ("contexts", "seeds", "instances", "corrections"):
         assert committed[stage] and set(committed[stage]) <= asked_keys, stage
-    import pyarrow.parquet as pq  # the dataset stage's rows, not its rejects (over the balance, near duplicates)
-    dataset_rows = [k for f in (out / "stages" / "dataset").glob("*.parquet") if not f.name.startswith(".")
-                    for k in pq.read_table(f).column("key").to_pylist()]
-    assert _published_keys(out) == sorted(dataset_rows)
+    # the dataset stage's rows, not its rejects (over the balance, duplicates)
+    assert _published_keys(out) == sorted(committed_keys(out, kinds=("stages",))["dataset"])
     spy, complete = _run(out, config, vllm_backend)
     assert spy.keys == [] and complete
 

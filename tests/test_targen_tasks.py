@@ -124,7 +124,7 @@ def test_copa_question_is_drawn_by_the_engine_balanced_within_each_label():
 def test_wic_sentences_must_hold_the_given_word_by_construction():
     """The 135M model copied a few-shot sentence in 43 of 48 WiC instances (a reject each); the step-3 schema
     now admits only one sentence holding the seed word (any case, word forms) and ending at its first full stop,
-    so a copy cannot be written and a sentence does not run on to its length limit."""
+    so a copy cannot be written and nothing follows that full stop."""
     request = _pipeline(_config("wic")).stage("instances").request(
         {"round": 1, "label": "true", "attempt": 0, "seed": (SEED_ROW, 0, "bank")}, 1)
     explanation = "The word means the same thing in both of them."
@@ -197,13 +197,13 @@ NEW_TASKS = ("wsc", "record", "multirc")
 @pytest.fixture(scope="module")
 def runs(vllm_backend, tmp_path_factory):
     """Each new task's shipped run config, run whole on the session's engine as `sdg run` runs it."""
-    from engine.pipeline.run import load_run_config, run_method
+    from engine.pipeline.run import load_run_config, method_config, run_method
     from engine.store import RunStore
     out = {}
     for task in NEW_TASKS:
-        config = _config(task)
-        path, manifest, _ = run_method(load_run_config(CONFIGS / f"targen_{task}.yaml"),
-                                       tmp_path_factory.mktemp("targen") / task, progress=False,
+        run_config = load_run_config(CONFIGS / f"targen_{task}.yaml")
+        config = method_config(run_config)
+        path, manifest, _ = run_method(run_config, tmp_path_factory.mktemp("targen") / task, progress=False,
                                        engines={"main": lambda: vllm_backend})
         assert manifest is not None, task
         with RunStore.open(path, json.loads((path / "config.json").read_text())["config"]) as store:
