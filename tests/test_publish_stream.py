@@ -52,13 +52,13 @@ def test_batches_publish_the_same_dataset_as_one(tmp_path, monkeypatch):
 
 def test_rows_held_do_not_grow_with_the_run(tmp_path, monkeypatch):
     held: list[int] = []
-    bucket_rows = publish._bucket_rows
+    bucket_blobs = publish._bucket_blobs
 
     def counting(paths):
-        for rows in bucket_rows(paths):
-            held.append(len(rows))
-            yield rows
-    monkeypatch.setattr(publish, "_bucket_rows", counting)
+        for blobs in bucket_blobs(paths):
+            held.append(len(blobs))
+            yield blobs
+    monkeypatch.setattr(publish, "_bucket_blobs", counting)
     m, _ = _publish(tmp_path, "run", 10, monkeypatch, QualityConfig(near_dedup=False))
     assert m["dataset"]["quality"]["input_rows"] == 90
     # two passes over 9 buckets (column v is an int in some, a str in others: built again from all its values)
@@ -77,3 +77,50 @@ def test_duplicate_keys_of_two_writers_publish_once(tmp_path, monkeypatch):
         whole = a.rows("gen")  # the first copy of each key in (writer, seq) order, sorted by key
     data = pq.read_table(out / "data").to_pylist()
     assert m["dataset"]["num_rows"] == 8 and data == whole and all(r["text"].startswith("first") for r in data)
+
+
+def _plain_row(i: int) -> dict:
+    """Plain values only (str, int, bool, None), so publishing parses them in columns (rows_table); rows
+    40..79 repeat 0..39's text (exact duplicates), and only removed rows have the field `dup_only`."""
+    text = f"row {i % 40} says " + " ".join(f"w{i % 40}x{j}" for j in range(6))
+    row = {"key": f"k{(i * 7919) % 1000:04d}", "text": text,
+           "n": i, "flag": i % 3 == 0, "none": None, "maybe": None if i % 2 else f"m{i % 40}"}
+    if i >= 40 and (i * 7919) % 1000 > ((i - 40) * 7919) % 1000:
+        row["dup_only"] = i  # a later key than its twin: this row is the duplicate removed
+    return row
+
+
+def test_rows_parsed_in_columns_publish_what_rows_parsed_one_by_one_do(tmp_path, monkeypatch):
+    """The columnar path (pyarrow's JSON reader) against json.loads per row (rows_table disabled): the same
+    files, manifest and removals, including a column that only removed rows have and an all-null column."""
+    def run(name: str) -> tuple[dict, dict]:
+        monkeypatch.setattr(publish, "PUBLISH_BATCH", 16)
+        out = tmp_path / name
+        with RunStore.open(out, CONFIG, commit_rows=13) as s:
+            for i in range(80):
+                s.add("gen", _plain_row(i))
+                s.maybe_commit()
+            m = s.finalize("gen", QualityConfig(near_dedup=False), text_fields=["text", "maybe"])
+        files = {p.relative_to(out).as_posix(): p.read_bytes() for d in ("data", "rejects/_quality")
+                 for p in (out / d).glob("*.parquet")}
+        return m, files
+    parsed: list[int] = []
+    rows_table = publish.rows_table
+
+    def counted(blobs):
+        table = rows_table(blobs)
+        parsed.append(table is not None)
+        return table
+    monkeypatch.setattr(publish, "rows_table", counted)
+    columns, column_files = run("columns")
+    assert parsed and all(parsed)  # every bucket went the columnar way
+    monkeypatch.setattr(publish, "rows_table", lambda blobs: None)
+    one_by_one, row_files = run("rows")
+    for m in (columns, one_by_one):
+        m["dataset"].pop("num_bytes")  # Arrow's in-memory size: validity bitmaps differ by a few bytes
+    assert columns["dataset"] == one_by_one["dataset"] and column_files == row_files
+    ds = columns["dataset"]
+    assert ds["quality"]["exact_duplicate"] > 0 and ds["num_rows"] == 80 - ds["quality"]["exact_duplicate"]
+    data = pq.read_table(tmp_path / "columns" / "data")
+    assert "dup_only" not in data.column_names and data.schema.field("none").type == "null"
+    assert data.schema.field("flag").type == "bool" and data.schema.field("n").type == "int64"

@@ -82,9 +82,11 @@ def test_instantiate_publishes_the_count_of_every_accepted_template(instantiated
     assert manifest["dataset"]["quality"]["near_duplicate"] == 0 and not manifest["dataset"]["quality"]["config"]["near_dedup"]
     assert all(n <= 300 for n in per_template.values()) and sum(per_template.values()) + exact == 900
     assert all(row["row_code_verified"] and row["origin"].startswith("templates.jsonl line") for row in rows)
+    assert len({(row["template_id"], row["variables"]) for row in rows}) == len(rows)  # repeats drawn again
     figures = manifest["stages"]["problems"]["stats"]
     assert figures["instances"] == 900 and figures["templates_short"] == 0
     assert 0.0 <= figures["repeat_rate"] < 0.5
+    assert figures["repeat_rate"] == round(figures["repeats_redrawn"] / (900 + figures["repeats_redrawn"]), 4)
 
 
 def test_instantiate_resumes_without_redoing_work(instantiated):

@@ -130,3 +130,27 @@ def test_every_row_checked_twice_in_the_sandbox():
     assert [reason for _, reason in checked] == [None, "row_code_mismatch"] + [None] * (len(rows) - 2)
     assert all(row["row_code_verified"] for row, reason in checked if reason is None)
     assert checked[1][0]["key"] == "k1"
+
+
+def test_repeated_draws_are_drawn_again_and_counted():
+    """A draw whose variable values an earlier instance had is not a row: the next id is drawn instead. A
+    template with 6 possible instances asked for 10 gives its 6, and every other id tried is counted as a
+    repeat: in the rows (redrawn_before) or, after the last row, in one 'repeats_exhausted' reject."""
+    from engine.methods import tdg
+
+    raw = {"skill": "eggs", "variables": [{"name": "a", "type": "integer", "min": 2, "max": 4, "step": 1},
+                                          {"name": "b", "type": "integer", "min": 1, "max": 2, "step": 1}],
+           "constraints": [], "problem": "A box holds {a} rows of {b} eggs. How many eggs are in the box?",
+           "steps": [{"name": "total", "expr": "a * b", "text": "{a} * {b} = {total} eggs."}],
+           "answer": {"expr": "total", "type": "integer", "places": 0}}
+    template_id = check_template(raw, source="file").template_id
+    config = tdg.Config(topics=[], problems_per_template=10)
+    out = list(tdg.problem_rows(config)({"template": json.dumps(raw), "template_id": template_id,
+                                         "source": "file", "stat_sandbox": True}))
+    rows = [row for row, reason in out if reason is None]
+    rejects = [row for row, reason in out if reason == "repeats_exhausted"]
+    assert len(rows) == 6 and len({r["variables"] for r in rows}) == 6 and len(out) == 7
+    assert all(r["row_code_verified"] for r in rows)
+    tried = 2 * 10 + 100  # the id limit: every id gives a valid draw here (no constraints)
+    assert len(rejects) == 1 and rejects[0]["template_id"] == template_id
+    assert sum(r["redrawn_before"] for r in rows) + rejects[0]["redrawn_before"] == tried - 6

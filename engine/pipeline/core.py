@@ -158,6 +158,15 @@ class Reader:
         twice): for figures over a stage too large to hold."""
         return self._store.iter_rows(stage)
 
+    def iter_columns(self, stage: str, schema) -> Iterator:
+        """The columns `schema` (a pyarrow schema) names of every committed row of `stage`, an Arrow table per
+        shard (a key committed by two writers comes twice): figures over millions of rows, no dict per row."""
+        return self._store.iter_columns(stage, schema)
+
+    def rejects(self, stage: str) -> list[dict]:
+        """Every committed reject of `stage`: dicts with key, reason and row (see RunStore.rejects)."""
+        return self._store.rejects(stage)
+
     def survivors(self, rows: list[dict], text_fields: list[str]) -> list[dict]:
         """`rows` minus what publishing's quality filters (dedup, decontamination) would remove, in the order
         given: a method counting toward a target counts only rows that will be published."""
@@ -503,10 +512,9 @@ class Executor:
         row, reason = work.item if isinstance(work.item, tuple) else (work.item, None)
         run.stats.first = run.stats.first or time.perf_counter()
         if stage.persist:
-            if self.store.key_state(stage.name, row["key"]) is not None:
+            if not self.store.add_new(stage.name, row, reason):  # committed before (a resumed run)
                 run.stats.skipped += 1
                 return
-            (self.store.add(stage.name, row) if reason is None else self.store.reject(stage.name, row, reason))
             self.store.record(stage.name, generated=1, accepted=int(reason is None), rejected=int(reason is not None))
             self.store.maybe_commit()
         run.stats.generated += 1

@@ -23,7 +23,7 @@ from engine.quality import Filters, QualityConfig, Removal, card
 from engine.quality.diversity import Diversity
 from engine.store.files import atomic_write, parquet_bytes
 from engine.store.runs import StoreError
-from engine.store.shards import REJECT_SCHEMA
+from engine.store.shards import REJECT_SCHEMA, rows_table
 
 DATA_SHARD_ROWS = 100_000  # most rows per published data/ shard
 
@@ -63,8 +63,8 @@ class PublishMixin:
         buckets = _sort_to_buckets(self, final_stage, tmp)
         t = _lap("sort", t)
         scan = _Scan(quality, text_fields, tmp)
-        for rows in _bucket_rows(buckets):
-            scan.batch(rows)
+        for blobs in _bucket_blobs(buckets):
+            scan.blobs(blobs)
         t = _lap("scan", t)
         if not scan.input_rows:
             raise StoreError(f"nothing to publish: stage {final_stage!r} of {self.out} has no committed rows "
@@ -200,18 +200,24 @@ def _sort_to_buckets(store, stage: str, tmp: Path) -> list[Path]:
     return [p for b, p in enumerate(paths) if b in writers]
 
 
-def _bucket_rows(paths: list[Path]) -> Iterator[list[dict]]:
-    """The sorted rows, one list per bucket, one row per key (its first copy)."""
+def _bucket_blobs(paths: list[Path]) -> Iterator[list[str]]:
+    """The sorted rows as their JSON text, one list per bucket, one row per key (its first copy)."""
     for path in paths:
         with pa.memory_map(str(path)) as src:
             table = pa.ipc.open_file(src).read_all()
         table = table.sort_by([("key", "ascending"), ("order", "ascending")])
-        keys, blobs, prev, rows = table.column("key").to_pylist(), table.column("row").to_pylist(), None, []
+        keys, blobs, prev, firsts = table.column("key").to_pylist(), table.column("row").to_pylist(), None, []
         for k, blob in zip(keys, blobs):
             if k != prev:
-                rows.append(json.loads(blob))
+                firsts.append(blob)
             prev = k
-        yield rows
+        yield firsts
+
+
+def _bucket_rows(paths: list[Path]) -> Iterator[list[dict]]:
+    """The sorted rows, one list per bucket, one row per key (its first copy)."""
+    for blobs in _bucket_blobs(paths):
+        yield [json.loads(b) for b in blobs]
 
 
 class _Scan:
@@ -231,6 +237,35 @@ class _Scan:
         self.converted: set[str] = set()  # columns some part stored as text
         self.rebuilt: dict[str, pa.Array] = {}
         self.part_paths: list[Path] = []
+
+    def blobs(self, blobs: list[str]) -> None:
+        """One bucket of sorted rows as their JSON text: parsed into columns by pyarrow when every column is
+        of a plain type (rows_table) and the text fields are text; else row by row (batch)."""
+        table = rows_table(blobs)
+        if table is None or "key" not in table.column_names or any(
+                f in table.column_names and table.schema.field(f).type not in (pa.string(), pa.null())
+                for f in self.fields):
+            self.batch([json.loads(b) for b in blobs])
+            return
+        self.input_rows += table.num_rows
+        self.first_fields = self.first_fields or list(json.loads(blobs[0]))
+        present = [f for f in self.fields if f in table.column_names]  # a column: some row has the field
+        self.seen_fields.update(present)
+        columns = [table.column(f).to_pylist() for f in present]
+        texts = ["\n".join(v for v in values if v is not None) for values in zip(*columns)] if columns \
+            else [""] * table.num_rows
+        keys = table.column("key").to_pylist()
+        removals = self.filters(list(zip(keys, texts)))
+        gone = {r.key for r in removals}
+        self.removals += removals
+        if gone:
+            self.removed_rows.update((k, json.loads(b)) for k, b in zip(keys, blobs) if k in gone)
+            kept = [k not in gone for k in keys]
+            table = table.filter(pa.array(kept))
+            texts = [t for t, keep in zip(texts, kept) if keep]
+            table = table.drop_columns(_fields_of_removed_rows_only(table, [b for b, k in zip(blobs, kept) if k]))
+        if table.num_rows:
+            self._write_table(table, texts)
 
     def batch(self, rows: list[dict]) -> None:
         if not rows:
@@ -262,6 +297,21 @@ class _Scan:
                 self.types.setdefault(name, set()).add(arr.type)
             arrays.append(arr)
         table = pa.Table.from_arrays([*arrays, pa.array(texts, pa.string())], names=[*names, _TEXT])
+        self._write_ipc(table)
+
+    def _write_table(self, table: pa.Table, texts: list[str]) -> None:
+        """_write_part for kept rows already in columns (blobs): key first, then the columns in order."""
+        self.kept_rows += table.num_rows
+        names = ["key", *(n for n in table.column_names if n != "key")]
+        self.names.update(dict.fromkeys(names))
+        for name in names:
+            t = table.schema.field(name).type
+            if t != pa.null():
+                self.types.setdefault(name, set()).add(t)
+        table = table.select(names).append_column(_TEXT, pa.array(texts, pa.string()))
+        self._write_ipc(table)
+
+    def _write_ipc(self, table: pa.Table) -> None:
         path = self.tmp / f"part-{len(self.part_paths):06d}.arrow"
         with pa.ipc.new_file(path, table.schema) as w:
             w.write_table(table)
@@ -315,6 +365,14 @@ class _Scan:
                     cols.append(pa.nulls(n, f.type))
             offset += n
             yield pa.Table.from_arrays([*cols, part.column(_TEXT)], names=[*schema.names, _TEXT])
+
+
+def _fields_of_removed_rows_only(kept: pa.Table, kept_blobs: list[str]) -> list[str]:
+    """Columns that no kept row has (the parsed bucket has them for its removed rows): the columns of kept rows
+    only, as _write_part would take them. Only an all-null column can be one; a kept row has it if its JSON text
+    names it (plain values only here, so the name cannot stand inside a nested object)."""
+    return [n for n in kept.column_names if kept.column(n).null_count == kept.num_rows
+            and not any(json.dumps(n, ensure_ascii=False) + ": " in b for b in kept_blobs)]
 
 
 def row_text(row: dict, fields: list[str]) -> str:

@@ -21,12 +21,14 @@ import json
 import os
 import random
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
 from typing import Literal
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from engine.config import ConfigError
@@ -350,8 +352,10 @@ def seed_template_rows(config: Config):
 
 
 # -- 3. instantiate each accepted template ----------------------------------------------------------------------
-ROW_BATCH = 5000  # rows per sandbox child: amortizes its start-up (~30 ms) over many solutions
-SANDBOX_INFLIGHT = max(1, os.cpu_count() or 1)  # sandbox children at work at once while this process instantiates
+ROW_BATCH = 5000  # rows per sandbox child: amortizes its start-up (~25 ms CPU) over many solutions
+# sandbox children at work at once while this process instantiates on a core of its own (one child per core
+# made 3 busy processes on a 2-core machine)
+SANDBOX_INFLIGHT = max(1, (os.cpu_count() or 1) - 1)
 PHASE_SECONDS: dict[str, float] = {}  # this process's seconds instantiating and waiting on the sandbox (for bench/)
 _POOL: ThreadPoolExecutor | None = None
 
@@ -379,24 +383,26 @@ def template_spec(row: dict) -> TemplateSpec:
 def problem_rows(config: Config):
     """template row -> its `problems_per_template` problem rows, each checked twice: the exact answer of the
     compiled template, and its own solution_code run in the sandbox (batched), which must agree; a row that
-    disagrees is a reject ('row_code_mismatch'). Problem ids past the count replace instances with no valid
-    draw and rejects (at most twice the count plus 100 ids are tried). Each row says where its template's idea
-    came from (`origin`) and, as `repeat_of`, the earlier problem id of its template with the same variable
-    values (-1: none), for the repeat rate. Up to SANDBOX_INFLIGHT batches are in the sandbox at once while the
-    next is instantiated; rows come out in problem id order all the same."""
+    disagrees is a reject ('row_code_mismatch'). A draw whose variable values an earlier instance of its
+    template already had is not a row: the next problem id is drawn instead (so a template reaches its count
+    with distinct instances, and no sandbox run or commit is spent on a row that exact dedup would remove);
+    each row counts, as `redrawn_before`, the repeated draws skipped just before it. Problem ids past the count
+    replace repeats, instances with no valid draw and rejects; at most twice the count plus 100 ids are tried,
+    and a template whose last draws were repeats when they ran out gets one reject ('repeats_exhausted') that
+    counts them. Each row says where its template's idea came from (`origin`). Up to SANDBOX_INFLIGHT batches
+    are in the sandbox at once while the next is instantiated; rows come out in problem id order all the same."""
     def rows(template: dict):
         if template.get("format") == "legacy":
             yield from legacy_problem_rows(config, template)
             return
         want, accepted, next_id = config.problems_per_template, 0, 0
         limit = 2 * want + 100
-        seen: dict[str, int] = {}
-        origin = origin_of(template)
+        draws = _Draws(origin_of(template))
         spec = template_spec(template)
         while accepted < want and next_id < limit:
             count = min(want - accepted, limit - next_id)  # ids next_id .. next_id + count - 1
             inflight: deque = deque()
-            for batch in _instance_batches(config, spec, origin, seen, next_id, count):
+            for batch in _instance_batches(config, spec, draws, next_id, count):
                 inflight.append((batch, _check_async(config, batch)))
                 while len(inflight) > SANDBOX_INFLIGHT:
                     for checked in _checked(*inflight.popleft()):
@@ -407,19 +413,34 @@ def problem_rows(config: Config):
                     accepted += checked[1] is None
                     yield checked
             next_id += count
+        if draws.redrawn:
+            key = stable_hash(["tdg-repeats", config.seed, template["template_id"]])
+            yield ({"key": key, "template_id": template["template_id"], "problem_id": next_id - 1,
+                    "redrawn_before": draws.redrawn}, "repeats_exhausted")
     return rows
 
 
-def _instance_batches(config: Config, spec: TemplateSpec, origin: str, seen: dict[str, int], first: int,
-                      count: int):
-    """Problem ids first..first+count-1 as rows, ROW_BATCH at a time (time counted as 'instantiate')."""
+class _Draws:
+    """One template's draws so far: the variable values seen, and the repeats skipped since the last row."""
+
+    def __init__(self, origin: str) -> None:
+        self.origin, self.seen, self.redrawn = origin, set(), 0
+
+
+def _instance_batches(config: Config, spec: TemplateSpec, draws: _Draws, first: int, count: int):
+    """Problem ids first..first+count-1 as rows, ROW_BATCH at a time, repeats skipped (time counted as
+    'instantiate')."""
     batch: list[dict] = []
     t = time.perf_counter()
+    seen = draws.seen
     for row in instantiate([spec], n_per_template=count, first=first, seed=config.seed, workers=1):
+        if row["variables"] in seen:
+            draws.redrawn += 1
+            continue
+        seen.add(row["variables"])
         key = stable_hash(["tdg-problem", config.seed, row["template_id"], row["problem_id"]])
-        repeat_of = seen.setdefault(row["variables"], row["problem_id"])
-        batch.append({"key": key, **row, "origin": origin,
-                      "repeat_of": -1 if repeat_of == row["problem_id"] else repeat_of})
+        batch.append({"key": key, **row, "origin": draws.origin, "redrawn_before": draws.redrawn})
+        draws.redrawn = 0
         if len(batch) >= ROW_BATCH:
             _add_time("instantiate", t)
             yield batch
@@ -466,21 +487,29 @@ def legacy_problem_rows(config: Config, template: dict):
                "origin": origin_of(template)}, None
 
 
+_FIGURE_COLUMNS = pa.schema([("template_id", pa.string()), ("redrawn_before", pa.int64())])
+
+
 def problem_figures(config: Config):
     """reader -> the problems stage's figures: rows, templates, templates short of their count, and the repeat
-    rate (instances whose variable values an earlier instance of their template already had)."""
+    rate (draws whose variable values an earlier instance of their template already had: redrawn, see
+    problem_rows)."""
     def figures(reader) -> dict:
-        per_template: dict[str, int] = {}
+        per_template: Counter = Counter()
         repeats = 0
         t = time.perf_counter()
-        for row in reader.iter_rows("problems"):  # every row read back: timed for bench/ (PHASE_SECONDS)
-            per_template[row["template_id"]] = per_template.get(row["template_id"], 0) + 1
-            repeats += row.get("repeat_of", -1) >= 0
+        # every row read back, two columns of it (timed for bench/: PHASE_SECONDS)
+        for table in reader.iter_columns("problems", _FIGURE_COLUMNS):
+            per_template.update(table.column("template_id").to_pylist())
+            repeats += pc.sum(table.column("redrawn_before")).as_py() or 0
+        repeats += sum(r["row"].get("redrawn_before", 0) for r in reader.rejects("problems")
+                       if r["reason"] == "repeats_exhausted")
         _add_time("problem_figures", t)
         rows = sum(per_template.values())
         return {"instances": rows, "instance_templates": len(per_template),
                 "templates_short": sum(n < config.problems_per_template for n in per_template.values()),
-                "repeat_rate": round(repeats / rows, 4) if rows else 0.0}
+                "repeats_redrawn": repeats,
+                "repeat_rate": round(repeats / (rows + repeats), 4) if rows + repeats else 0.0}
     return figures
 
 
@@ -551,10 +580,16 @@ def checked_rows(config: Config, rows: list[dict]):
 
 def _verdicts(rows: list[dict], checks: list):
     for row, check in zip(rows, checks):
-        if check is not None and not (check.ok and same_answer(check.value, Fraction(row["result"]))):
+        if check is not None and not (check.ok and _agrees(check.value, row["result"])):
             yield {**row, "code_answer": str(check.value) if check.ok else check.error}, "row_code_mismatch"
         else:
             yield {**row, "row_code_verified": check is not None}, None
+
+
+def _agrees(value, result: str) -> bool:
+    """Does a sandbox value equal the row's exact result (its text)? An int that prints as the result does;
+    anything else is compared exactly by same_answer (the shortcut spares a Fraction per row)."""
+    return (type(value) is int and str(value) == result) or same_answer(value, Fraction(result))
 
 
 # -- the method ---------------------------------------------------------------------------------------------------
