@@ -55,6 +55,25 @@ def test_commit_resume_and_rejects(tmp_path):
         assert s._seq == 4  # continues after w0-000001..3
 
 
+def test_add_new_queues_only_keys_not_seen(tmp_path):
+    """add_new (the pipeline's computed rows): a row or a reject for a new key, nothing for a key pending or
+    committed; reject() still refuses a missing reason rather than taking the row for an accepted one."""
+    with RunStore.open(tmp_path / "run", CONFIG) as s:
+        fill(s, ["a"])
+        s.commit()
+        assert s.add_new("gen", {"key": "b", "text": "new"}) is True
+        assert s.add_new("gen", {"key": "b", "text": "again"}) is False  # pending
+        assert s.add_new("gen", {"key": "a", "text": "again"}) is False  # committed
+        assert s.add_new("gen", {"key": "c", "text": "bad"}, "truncated") is True
+        with pytest.raises(ValueError, match="non-empty reason"):
+            s.reject("gen", {"key": "d"}, None)
+        with pytest.raises(ValueError, match="non-empty reason"):
+            s.add_new("gen", {"key": "e"}, "")
+        s.commit()
+        assert [r["key"] for r in s.rows("gen")] == ["a", "b"] and s.rows("gen")[1]["text"] == "new"
+        assert [(r["key"], r["reason"]) for r in s.rejects("gen")] == [("c", "truncated")]
+
+
 def test_time_based_commit(tmp_path):
     with RunStore.open(tmp_path / "run", CONFIG, commit_rows=1000, commit_seconds=0.05) as s:
         fill(s, ["a"])

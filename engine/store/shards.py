@@ -362,6 +362,8 @@ class ShardStore:
 
     def reject(self, stage: str, row: dict, reason: str) -> None:
         """Queue a rejected row with its reason ("truncated", "invalid_json: ...") for the next commit."""
+        if not isinstance(reason, str) or not reason:  # None too: _queue would take it for a row
+            raise ValueError(f"a reject needs a non-empty reason, got {reason!r}")
         self._queue(stage, row, reason)
 
     def add_new(self, stage: str, row: dict, reason: str | None = None) -> bool:
