@@ -20,15 +20,18 @@ def _row(i: int) -> dict:
     return row
 
 
-def _publish(tmp_path, name: str, batch: int, monkeypatch, quality: QualityConfig) -> tuple[dict, dict]:
+def _publish(tmp_path, name: str, batch: int, monkeypatch, quality: QualityConfig, *, row=_row, n: int = 90,
+             text_fields: tuple[str, ...] = ("text", "v")) -> tuple[dict, dict]:
+    """Rows row(0..n-1) committed 13 at a time and published PUBLISH_BATCH=batch at a time: the manifest, and the
+    bytes of data/ and rejects/_quality/ by path."""
     monkeypatch.setattr(publish, "PUBLISH_BATCH", batch)
     monkeypatch.setattr(publish, "DATA_SHARD_ROWS", 16)
     out = tmp_path / name
     with RunStore.open(out, CONFIG, commit_rows=13) as s:
-        for i in range(90):
-            s.add("gen", _row(i))
+        for i in range(n):
+            s.add("gen", row(i))
             s.maybe_commit()
-        m = s.finalize("gen", quality, text_fields=["text", "v"])
+        m = s.finalize("gen", quality, text_fields=list(text_fields))
     files = {p.relative_to(out).as_posix(): p.read_bytes() for p in (out / "data").glob("*.parquet")}
     files.update({p.relative_to(out).as_posix(): p.read_bytes() for p in (out / "rejects" / "_quality").glob("*")})
     return m, files
@@ -94,17 +97,9 @@ def test_rows_parsed_in_columns_publish_what_rows_parsed_one_by_one_do(tmp_path,
     """The columnar path (pyarrow's JSON reader) against json.loads per row (rows_table disabled): the same
     files, manifest and removals, including a column that only removed rows have and an all-null column."""
     def run(name: str) -> tuple[dict, dict]:
-        monkeypatch.setattr(publish, "PUBLISH_BATCH", 16)
-        out = tmp_path / name
-        with RunStore.open(out, CONFIG, commit_rows=13) as s:
-            for i in range(80):
-                s.add("gen", _plain_row(i))
-                s.maybe_commit()
-            m = s.finalize("gen", QualityConfig(near_dedup=False), text_fields=["text", "maybe"])
-        files = {p.relative_to(out).as_posix(): p.read_bytes() for d in ("data", "rejects/_quality")
-                 for p in (out / d).glob("*.parquet")}
-        return m, files
-    parsed: list[int] = []
+        return _publish(tmp_path, name, 16, monkeypatch, QualityConfig(near_dedup=False), row=_plain_row, n=80,
+                        text_fields=("text", "maybe"))
+    parsed: list[bool] = []
     rows_table = publish.rows_table
 
     def counted(blobs):
