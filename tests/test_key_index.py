@@ -17,6 +17,7 @@ def test_key_index_matches_a_set(monkeypatch):
             assert len(keys) == len(reference)
             probes = [f"k{rnd.randrange(6000)}" for _ in range(50)]
             assert [p in keys for p in probes] == [p in reference for p in probes]
+            assert keys.holds(index.key_hashes(probes)).tolist() == [p in reference for p in probes]
     assert len(keys) == len(reference)
     assert len(keys._levels) > 2  # the levels did form: the test exercised merging across them
     sizes = [len(level) for level in keys._levels]

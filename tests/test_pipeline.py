@@ -9,7 +9,7 @@ import pytest
 
 from engine.pipeline.core import Executor, StopAfterError, check_stop_after, seed_of
 from engine.pipeline.run import load_run_config, run_method
-from engine.pipeline.stages import Compute, Each, Generate, Pipeline, Publish, Whole
+from engine.pipeline.stages import Compute, Each, Generate, Pipeline, Publish, Rows, Whole
 from engine.request import Request, Sampling
 from engine.store import RunStore
 
@@ -119,3 +119,70 @@ def test_generate_with_two_replicas_gives_the_keys_of_one(tmp_path):
     # every line is published, the two equal (greedy, so equal outputs) ones included: generate does not dedup
     assert manifest["dataset"]["num_rows"] == manifest["stages"]["generate"]["rows"]
     assert manifest["dataset"]["quality"]["exact_duplicate"] == 0
+
+
+def _pairs(parent: dict) -> list[tuple[dict, str | None]]:
+    """Seven rows of a parent, every third a reject, then a key met before (skipped, not committed twice)."""
+    key = parent["key"]
+    return [({"key": f"{key}-{j}", "n": j}, None if j % 3 else "too_small") for j in range(7)] \
+        + [({"key": f"{key}-1", "n": 99}, None)]
+
+
+def _batched(parent: dict):
+    pairs = _pairs(parent)
+    for part in (pairs[:3], pairs[3:]):  # the repeat comes in a later batch than its first copy
+        yield Rows([row for row, _ in part], [reason for _, reason in part])
+
+
+def _run_compute(out: Path, rows, replica=(0, 1)) -> tuple[RunStore, Executor]:
+    pipeline = Pipeline([Compute("a", rows=lambda: [{"key": f"p{i}"} for i in range(3)]),
+                         Compute("b", reads=Each("a"), rows=rows),
+                         Compute("c", reads=Each("b"), rows=lambda row: [{"key": "c" + row["key"]}])],
+                        Publish("b", ["key"]))
+    store = RunStore.open(out, {"method": "t"}, writer=f"r{replica[0]}")
+    executor = Executor(pipeline, store, {}, replica=replica, progress=False)
+    executor.run()
+    store.commit()
+    return store, executor
+
+
+def test_compute_rows_in_batches_commit_what_rows_one_by_one_do(tmp_path):
+    """A Compute stage may yield Rows batches (TDG's problems do): the committed rows, rejects, stats and
+    children are those of the same rows yielded one by one; a key met twice is committed once; a resumed run
+    commits nothing again."""
+    one, one_ex = _run_compute(tmp_path / "one", _pairs)
+    batch, batch_ex = _run_compute(tmp_path / "batch", _batched)
+    for stage in ("b", "c"):
+        assert batch.rows(stage) == one.rows(stage) and len(one.rows(stage)) == 12
+        assert batch.rejects(stage) == one.rejects(stage)
+    assert [r["reason"] for r in batch.rejects("b")] == ["too_small"] * 9
+    assert {r["key"]: r["n"] for r in batch.rows("b")}["p0-1"] == 1  # the first copy of a key is the one kept
+    counts = [{k: v for k, v in store.own_stats("b").items() if k != "seconds"} for store in (batch, one)]
+    assert counts[0] == counts[1] == {"generated": 21, "accepted": 12, "rejected": 9}
+    stats = {run.stage.name: run.stats for run in batch_ex._phase}
+    assert (stats["b"].generated, stats["b"].accepted, stats["b"].rejected, stats["b"].skipped) == (21, 12, 9, 3)
+    one.close()
+    batch.close()
+    again, again_ex = _run_compute(tmp_path / "batch", _batched)  # resumed: every key is committed
+    stats = {run.stage.name: run.stats for run in again_ex._phase}
+    assert (stats["b"].generated, stats["b"].skipped) == (0, 24)
+    assert committed_keys(tmp_path / "batch") == committed_keys(tmp_path / "one") != {}
+    again.close()
+
+
+def test_rows_batches_at_a_root_stage_are_split_between_replicas(tmp_path):
+    """Two replicas of a root Compute stage yielding Rows commit every row once between them, each the keys
+    it owns, as with rows yielded one by one."""
+    from engine.pipeline.core import owns
+    rows = [{"key": f"k{i}"} for i in range(40)]
+    pipeline = Pipeline([Compute("a", rows=lambda: [Rows(rows[:25], [None] * 25), Rows(rows[25:], [None] * 15)])],
+                        Publish("a", ["key"]))
+    kept = []
+    for i in range(2):
+        store = RunStore.open(tmp_path / "run", {"method": "t"}, writer=f"r{i}")
+        Executor(pipeline, store, {}, replica=(i, 2), progress=False).run()
+        store.close()
+        mine = committed_keys(tmp_path / "run")["a"]
+        kept.append(sorted(set(mine) - set(sum(kept, []))))
+        assert kept[i] == sorted(r["key"] for r in rows if owns(r["key"], (i, 2)))
+    assert sorted(kept[0] + kept[1]) == sorted(r["key"] for r in rows) and kept[0] and kept[1]

@@ -30,6 +30,42 @@ def test_normalize_and_shingles():
     assert shingles("!!", 3) == set()
 
 
+def test_normalize_is_idempotent_and_its_ascii_path_is_the_regex_one():
+    """Publishing normalizes each text once and hands the result to every filter and to the diversity
+    figures: that is the same only if normalizing twice changes nothing. And ASCII text takes str.translate,
+    which must give what the regex does."""
+    import re
+    from engine.quality import dedup
+    pieces = ["a", "Z", "9", "_", " ", "\t", "\n", "\r", "\x0b", "\x0c", ",", ".", "'", "-", "$", "%", "(", "~",
+              "\u00e9", "\u00df", "\u0130", "\u0301", "\u00a0", "\u2003", "\u3000", "\u2028", "\u00bd", "\u2160",
+              "\u03a3", "\u0640", "\u200b", "\ufb03", "\u1e9e", "\U0001d400", "\u2014", "\u00ad"]
+    rng = random.Random(0)
+    texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 30))) for _ in range(20_000)]
+    texts += ["".join(chr(rng.randrange(0x3000)) for _ in range(20)) for _ in range(5_000)]
+    regex = re.compile(r"[^\w\s]")
+    for text in texts:
+        once = normalize(text)
+        assert normalize(once) == once, (text, once)
+        if text.isascii():
+            assert once == " ".join(regex.sub("", text.casefold()).split()), text
+    assert dedup.words("A cat, a hat.") == normalize("A cat, a hat.").split()
+
+
+def test_filters_of_normalized_texts_remove_what_they_do_of_raw_ones(tmp_path):
+    from engine.quality import Filters
+    bench, brows = write_bench(tmp_path)
+    near = random_text(20).split()
+    near[-2] = "other"
+    items = sorted([("a", random_text(20)), ("b", "  " + random_text(20).upper() + "!!"), ("c", " ".join(near)),
+                    ("d", random_text(21) + " " + brows[0]["question"]), ("e", random_text(22))])
+    cfg = QualityConfig(decontam_files=[DecontamFile(path=str(bench), columns=["question"])])
+    raw = Filters(cfg)(items)
+    normalized = Filters(cfg)([(k, normalize(t)) for k, t in items], normalized=True)
+    assert [(r.key, r.reason) for r in raw] == [("b", "exact_duplicate"), ("c", "near_duplicate"),
+                                                 ("d", "contaminated")]
+    assert raw == normalized
+
+
 def test_exact_duplicates_keep_first_key():
     items = [("a", "Hi there!"), ("b", "hi   THERE"), ("c", "bye"), ("d", "HI, there")]
     assert exact_duplicates(items) == {"b": "a", "d": "a"}
@@ -129,6 +165,22 @@ def test_diversity_figures():
     assert self_bleu(disjoint) < 0.05
     assert self_bleu([["only"]]) is None
     assert length_stats([5, 1, 3, 2, 4]) == {"mean": 3.0, "p50": 3, "p90": 5, "min": 1, "max": 5}
+
+
+def test_diversity_of_normalized_texts_is_that_of_raw_ones():
+    """Publishing hands the diversity figures normalized texts and lets unsampled ones be counted, not split:
+    the report must be the one of the raw texts, sampled or not, empty texts included."""
+    from engine.quality.diversity import Diversity
+    rng = random.Random(3)
+    texts = [" ".join(rng.choice(["A", "b,", "c!", "d", "  e", "\tF."]) for _ in range(rng.randint(0, 12)))
+             for _ in range(3000)] + ["", "!!", "   "]
+    for sample, distinct_sample in ((50, 400), (5000, 5000)):
+        raw = Diversity(len(texts), sample=sample, distinct_sample=distinct_sample, seed=1)
+        norm = Diversity(len(texts), sample=sample, distinct_sample=distinct_sample, seed=1)
+        for text in texts:
+            raw.add(text)
+            norm.add(normalize(text), normalized=True)
+        assert norm.report() == raw.report()
 
 
 def test_card_features_match_datasets():

@@ -74,6 +74,28 @@ def test_add_new_queues_only_keys_not_seen(tmp_path):
         assert [(r["key"], r["reason"]) for r in s.rejects("gen")] == [("c", "truncated")]
 
 
+def test_add_rows_queues_what_add_new_would_one_by_one(tmp_path):
+    """add_rows (a Compute stage's Rows batch): a key pending, committed or met earlier in the batch is not
+    queued; a bad key or reason anywhere in the batch queues nothing."""
+    with RunStore.open(tmp_path / "run", CONFIG) as s:
+        fill(s, ["a"])
+        s.commit()
+        s.add("gen", {"key": "p", "text": "pending"})
+        rows = [{"key": k, "text": t} for k, t in [("a", "again"), ("b", "new"), ("p", "again"), ("c", "bad"),
+                                                    ("b", "twice"), ("d", "new")]]
+        assert s.add_rows("gen", rows, [None, None, None, "truncated", None, None]) == \
+            [False, True, False, True, False, True]
+        with pytest.raises(ValueError, match="non-empty str 'key'"):
+            s.add_rows("gen", [{"key": "e"}, {"text": "no key"}], [None, None])
+        with pytest.raises(ValueError, match="non-empty reason"):
+            s.add_rows("gen", [{"key": "e"}, {"key": "f"}], [None, ""])
+        assert s.key_state("gen", "e") is None  # nothing of a refused batch was queued
+        s.commit()
+        assert [(r["key"], r["text"]) for r in s.rows("gen")][1:] == [("b", "new"), ("d", "new"), ("p", "pending")]
+        assert s.rows("gen")[0]["text"].startswith("text of a")
+        assert [(r["key"], r["reason"]) for r in s.rejects("gen")] == [("c", "truncated")]
+
+
 def test_time_based_commit(tmp_path):
     with RunStore.open(tmp_path / "run", CONFIG, commit_rows=1000, commit_seconds=0.05) as s:
         fill(s, ["a"])

@@ -8,6 +8,7 @@ from engine.methods.tdg.instantiate import TemplateSpec, instance_key, instantia
 from engine.methods.tdg.template import DATA_DIR, check_template
 from engine.methods.tdg.compile import compile_template
 from engine.methods.tdg.verify import _exact_instance
+from engine.pipeline.stages import Rows
 
 SEEDS = [json.loads(l) for l in (DATA_DIR / "seed_templates.jsonl").read_text().splitlines() if l.strip()]
 FIELDS = {"problem", "solution_code", "result", "solution_wocode", "source", "template_id", "problem_id",
@@ -145,8 +146,11 @@ def test_repeated_draws_are_drawn_again_and_counted():
            "answer": {"expr": "total", "type": "integer", "places": 0}}
     template_id = check_template(raw, source="file").template_id
     config = tdg.Config(topics=[], problems_per_template=10)
-    out = list(tdg.problem_rows(config)({"template": json.dumps(raw), "template_id": template_id,
-                                         "source": "file", "stat_sandbox": True}))
+    items = list(tdg.problem_rows(config)({"template": json.dumps(raw), "template_id": template_id,
+                                           "source": "file", "stat_sandbox": True}))
+    assert isinstance(items[0], Rows)  # the checked rows come a batch at a time
+    out = [pair for item in items
+           for pair in (zip(item.rows, item.reasons) if isinstance(item, Rows) else [item])]
     rows = [row for row, reason in out if reason is None]
     rejects = [row for row, reason in out if reason == "repeats_exhausted"]
     assert len(rows) == 6 and len({r["variables"] for r in rows}) == 6 and len(out) == 7
@@ -154,3 +158,14 @@ def test_repeated_draws_are_drawn_again_and_counted():
     tried = 2 * 10 + 100  # the id limit: every id gives a valid draw here (no constraints)
     assert len(rejects) == 1 and rejects[0]["template_id"] == template_id
     assert sum(r["redrawn_before"] for r in rows) + rejects[0]["redrawn_before"] == tried - 6
+
+
+@pytest.mark.parametrize("seed", [0, 7, -3, 2**40])
+def test_problem_keys_are_the_stable_hash_of_seed_template_and_id(seed):
+    """problem_key builds the JSON once per template: the keys must be stable_hash's, or a resumed run would
+    redo (and duplicate) every row committed before."""
+    from engine.methods import tdg
+    from engine.request import stable_hash
+    key = tdg.problem_key(seed, "tdg-0123456789ab")
+    for problem_id in (0, 1, 17, 999, 10**7, 2**63):
+        assert key(problem_id) == stable_hash(["tdg-problem", seed, "tdg-0123456789ab", problem_id])

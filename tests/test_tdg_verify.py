@@ -3,6 +3,8 @@ the sandbox contains hostile code."""
 import copy
 import json
 
+from fractions import Fraction
+
 import jsonschema
 import pytest
 
@@ -96,7 +98,14 @@ def test_sandbox_contains_hostile_code():
              "import socket\ndef solution():\n    return 1\n",
              "def solution():\n    return open('/tmp/tdg_sandbox_probe', 'w').write('x')\n",
              "def solution():\n    return ().__class__.__base__.__subclasses__()\n",
-             "def solution():\n    return 1 / 4\n"]
+             "def solution():\n    return 1 / 4\n",
+             "def solution():\n    print('0 int 999')\n    return 5\n",  # a line forged in the child's output
+             "def solution():\n    raise ValueError('two\\nlines and spaces')\n",
+             "from fractions import Fraction\ndef solution():\n    return Fraction(-10, 4)\n",
+             "def solution():\n    return True\n",
+             "def solution():\n    return 2 ** 70\n",
+             "def solution():\n    name = 'Zoë \u4e2d'\n    return len(name)\n",  # text past ASCII, lengths right
+             "def solution():\n    raise ValueError('Zoë\\\\n')\n"]
     r = run_solutions(codes, timeout_s=0.5)
     assert r[0].ok and r[0].value == 42
     assert not r[1].ok and r[1].error == "timeout"
@@ -106,6 +115,13 @@ def test_sandbox_contains_hostile_code():
     assert not r[5].ok
     assert not r[6].ok
     assert r[7].ok and r[7].value == 0.25  # the batch went on after every failure
+    assert r[0].value == 42 and r[8].ok and r[8].value == 5  # what a code prints is not taken for a result
+    assert not r[9].ok and r[9].error == "ValueError: two\nlines and spaces"
+    assert r[10].ok and r[10].value == Fraction(-5, 2)
+    assert not r[11].ok and r[11].error == "returned a bool"
+    assert r[12].ok and r[12].value == 2 ** 70 and type(r[12].value) is int
+    assert r[13].ok and r[13].value == 5
+    assert not r[14].ok and r[14].error == "ValueError: Zoë\\n"
 
 
 @pytest.mark.parametrize("template, reason", [

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 from engine.config import ConfigError
-from engine.pipeline.stages import Compute, Each, Generate, Pipeline, Stage, Whole
+from engine.pipeline.stages import Compute, Each, Generate, Pipeline, Rows, Stage, Whole
 from engine.quality.gates import Gates
 from engine.request import Request, Result, stable_hash
 
@@ -300,6 +300,10 @@ class Executor:
             ident = self._ident(stage, item, position)
             if self.replica[1] == 1:
                 yield _Work(item, ident)
+            elif isinstance(stage, Compute) and isinstance(item, Rows):
+                mine = [i for i, row in enumerate(item.rows) if owns(row["key"], self.replica)]
+                if mine:
+                    yield _Work(Rows([item.rows[i] for i in mine], [item.reasons[i] for i in mine]), ident)
             elif isinstance(stage, Compute):
                 key = (item[0] if isinstance(item, tuple) else item)["key"]
                 if owns(key, self.replica):
@@ -508,6 +512,9 @@ class Executor:
 
     def _compute(self, run: _StageRun, work: _Work) -> None:
         """One row of a Compute stage: committed (unless done or not persisted) and handed to its children."""
+        if isinstance(work.item, Rows):
+            self._compute_rows(run, work.item)
+            return
         stage = run.stage
         row, reason = work.item if isinstance(work.item, tuple) else (work.item, None)
         run.stats.first = run.stats.first or time.perf_counter()
@@ -524,6 +531,31 @@ class Executor:
             self._deliver(run, row)
         else:
             run.stats.rejected += 1
+
+    def _compute_rows(self, run: _StageRun, batch: Rows) -> None:
+        """A batch of a Compute stage's rows, as _compute would take them one by one: the store looks up and
+        queues the batch at once, the stats and the commit check are updated once."""
+        stage, stats = run.stage, run.stats
+        stats.first = stats.first or time.perf_counter()
+        if stage.persist:
+            fresh = self.store.add_rows(stage.name, batch.rows, batch.reasons)
+        else:
+            fresh = [True] * len(batch.rows)
+        new = [(row, reason) for row, reason, f in zip(batch.rows, batch.reasons, fresh) if f]
+        rejected = sum(reason is not None for _, reason in new)
+        stats.skipped += len(batch.rows) - len(new)
+        if stage.persist and new:
+            self.store.record(stage.name, generated=len(new), accepted=len(new) - rejected, rejected=rejected)
+            self.store.maybe_commit()
+        stats.generated += len(new)
+        stats.accepted += len(new) - rejected
+        stats.rejected += rejected
+        if new:
+            stats.last = time.perf_counter()
+        if any(isinstance(r.stage.reads, Each) and stage.name in r.stage.reads.stages for r in self._phase):
+            for row, reason in new:
+                if reason is None:
+                    self._deliver(run, row)
 
     def _deliver(self, parent: _StageRun, row: dict) -> None:
         """Queue the children of a fresh row: at once where the edge streams; otherwise they are read back from

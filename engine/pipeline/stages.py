@@ -91,7 +91,8 @@ class Generate:
 class Compute:
     """A stage with no model: rows from a function (TDG's instantiation, GLAN's taxonomy file).
 
-    `rows` is called like Generate's `items` and yields rows (dicts with a "key") or (row, reject reason) pairs.
+    `rows` is called like Generate's `items` and yields rows (dicts with a "key"), (row, reject reason) pairs,
+    or `Rows` batches of them (one commit bookkeeping per batch: for stages of millions of rows).
     With `persist=False` the rows are not stored: they are computed again by every run (a file a person may
     edit, like GLAN's taxonomy), and only feed the stages reading them."""
 
@@ -102,6 +103,20 @@ class Compute:
     rounds: int = 1
     figures: Callable[[Any], dict] | None = None
     """reader -> figures recorded once in the manifest for this stage, after it first completes."""
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A batch of a Compute stage's rows, yielded as one item: `reasons[i]` is row i's reject reason, or None
+    for an accepted row. The core looks its keys up, queues them and counts them a batch at a time, where a
+    row yielded alone costs its own pass through the loop (TDG's problems: a million rows)."""
+
+    rows: list[dict]
+    reasons: list[str | None]
+
+    def __post_init__(self) -> None:
+        if len(self.rows) != len(self.reasons):
+            raise ValueError(f"Rows: {len(self.rows)} rows but {len(self.reasons)} reasons")
 
 
 Stage = Union[Generate, Compute]

@@ -148,7 +148,9 @@ class Filters:
                                seed=cfg.seed) if cfg.near_dedup else None)
         self.seconds = {"decontam": 0.0, "exact_dedup": 0.0, "near_dedup": 0.0}  # for bench/
 
-    def __call__(self, items: list[tuple[str, str]]) -> list[Removal]:
+    def __call__(self, items: list[tuple[str, str]], *, normalized: bool = False) -> list[Removal]:
+        """This batch's removals. `normalized`: the texts are dedup.normalize's output already (the same
+        removals, since every filter compares normalized text; exact dedup then skips normalizing them)."""
         removals: list[Removal] = []
         t = time.perf_counter()
         if self.index is not None:
@@ -159,7 +161,8 @@ class Filters:
             items = _without(items, removals)
         t = self._lap("decontam", t)
         if self.exact is not None:
-            removals += [Removal(k, "exact_duplicate", kept) for k, kept in self.exact.feed(items).items()]
+            removals += [Removal(k, "exact_duplicate", kept)
+                         for k, kept in self.exact.feed(items, normalized=normalized).items()]
             items = _without(items, removals)
         t = self._lap("exact_dedup", t)
         if self.near is not None:

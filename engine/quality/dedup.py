@@ -27,7 +27,8 @@ _ASCII_NOT_WORD = {c: None for c in range(128) if _NOT_WORD.match(chr(c))}
 
 
 def normalize(text: str) -> str:
-    """The normalized form compared by exact dedup (see the module docstring)."""
+    """The normalized form compared by exact dedup (see the module docstring). Idempotent (normalizing a
+    normalized text changes nothing), so a filter may be handed either form."""
     if text.isascii():
         return " ".join(text.lower().translate(_ASCII_NOT_WORD).split())
     return " ".join(_NOT_WORD.sub("", text.casefold()).split())
@@ -66,10 +67,13 @@ class ExactDedup:
     def __init__(self) -> None:
         self.first: dict[bytes, str] = {}
 
-    def feed(self, items: Iterable[tuple[str, str]]) -> dict[str, str]:
+    def feed(self, items: Iterable[tuple[str, str]], *, normalized: bool = False) -> dict[str, str]:
+        """{removed key: kept key} of this batch; `normalized`: the texts are normalize()'s output already
+        (publishing normalizes each row once, for every filter and the diversity figures)."""
         removed: dict[str, str] = {}
+        blake2b = hashlib.blake2b
         for key, text in items:
-            digest = hashlib.blake2b(normalize(text).encode(), digest_size=16).digest()
+            digest = blake2b((text if normalized else normalize(text)).encode(), digest_size=16).digest()
             kept = self.first.setdefault(digest, key)
             if kept != key:
                 removed[key] = kept

@@ -129,8 +129,14 @@ class Diversity:
         self.bleu_docs: list[list[str]] = []
         self.lengths: list[int] = []
 
-    def add(self, text: str) -> None:
-        i, ws = len(self.lengths), words(text)
+    def add(self, text: str, *, normalized: bool = False) -> None:
+        """The next text (`normalized`: dedup.normalize's output already, as publishing passes it: words
+        joined by single spaces, so an unsampled one is counted, not split)."""
+        i = len(self.lengths)
+        if normalized and i not in self.distinct_idx and i not in self.bleu_idx:
+            self.lengths.append(text.count(" ") + 1 if text else 0)
+            return
+        ws = text.split() if normalized else words(text)
         self.lengths.append(len(ws))
         if i in self.distinct_idx:  # zip, not slices: 100,000 sampled rows cost seconds otherwise
             for n, grams in enumerate((ws, zip(ws, ws[1:]), zip(ws, ws[1:], ws[2:]))):

@@ -24,6 +24,11 @@ def key_hash(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
 
 
+def key_hashes(keys: list[str]) -> np.ndarray:
+    """key_hash of each key, as one uint64 array (KeyIndex.holds looks a batch up with it)."""
+    return np.fromiter((key_hash(k) for k in keys), dtype=np.uint64, count=len(keys))
+
+
 class KeyIndex:
     """A set of keys: sorted uint64 arrays of their hashes (levels, each at least twice the size of the next),
     plus a small set of recent ones merged in batches. A batch is merged with the smallest levels only while
@@ -62,6 +67,15 @@ class KeyIndex:
         for level in self._levels:
             i = np.minimum(np.searchsorted(level, hashes), len(level) - 1)
             found |= level[i] == hashes
+        return found
+
+    def holds(self, hashes: np.ndarray) -> np.ndarray:
+        """For each of `hashes` (key_hashes of a batch of keys), whether its key is held: `in` for a batch, one
+        vectorized search per level instead of one per key."""
+        found = self._held(hashes)
+        if self._recent:
+            recent = self._recent
+            found |= np.fromiter((h in recent for h in hashes.tolist()), dtype=bool, count=len(hashes))
         return found
 
     def __contains__(self, key: str) -> bool:

@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine.quality import Filters, QualityConfig, Removal, card
+from engine.quality.dedup import normalize
 from engine.quality.diversity import Diversity
 from engine.store.files import atomic_write, parquet_bytes
 from engine.store.runs import StoreError
@@ -111,7 +112,7 @@ class PublishMixin:
             files.append(self._write_data_shard(d, "train", len(files), n, table))
         for part in scan.parts(schema):
             for text in part.column(_TEXT).to_pylist():
-                div.add(text)
+                div.add(text, normalized=True)
             held.append(part.drop_columns([_TEXT]))
             while sum(p.num_rows for p in held) >= DATA_SHARD_ROWS:
                 table = pa.concat_tables(held)
@@ -157,7 +158,9 @@ class PublishMixin:
 
 PUBLISH_BATCH = 50_000  # rows per sorted bucket: what publishing holds as Python objects at a time
 PUBLISH_SECONDS: dict[str, float] = {}  # seconds of each phase of this process's last finalize (for bench/)
-_TEXT = "__text"  # the filters' text of each kept row, carried beside its part until diversity reads it
+# the filters' text of each kept row, normalized once (dedup.normalize) for every filter and for the diversity
+# figures, carried beside its part until diversity reads it
+_TEXT = "__text"
 
 
 def _lap(phase: str, t: float) -> float:
@@ -171,7 +174,7 @@ def _sort_to_buckets(store, stage: str, tmp: Path) -> list[Path]:
     each, bounds from the keys alone), each row tagged with its (shard, index) order so that a key committed
     twice keeps its first copy in (writer, seq) order, as RunStore.rows does."""
     shards = store._stage_shards("stages", stage)
-    keys = [store._read(s).column("key") for s in shards]
+    keys = [_key_column(store, s) for s in shards]
     if not keys:
         return []
     uniq = pc.unique(pa.chunked_array(keys, pa.string()))
@@ -181,9 +184,9 @@ def _sort_to_buckets(store, stage: str, tmp: Path) -> list[Path]:
     schema = pa.schema([("key", pa.string()), ("row", pa.large_string()), ("order", pa.int64())])
     writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
     try:
-        for ordinal, (shard, key_col) in enumerate(zip(shards, keys)):
-            table = store._read(shard).select(["key", "row"])
-            ids = np.searchsorted(bounds, key_col.to_numpy(zero_copy_only=False), side="right")
+        for ordinal, shard in enumerate(shards):
+            table = store._read(shard).select(["key", "row"])  # verified: what is published is what was committed
+            ids = np.searchsorted(bounds, table.column("key").to_numpy(zero_copy_only=False), side="right")
             order = np.argsort(ids, kind="stable")
             cuts = np.searchsorted(ids[order], np.arange(len(paths) + 1))
             for b in range(len(paths)):
@@ -198,6 +201,15 @@ def _sort_to_buckets(store, stage: str, tmp: Path) -> list[Path]:
         for w in writers.values():
             w.close()
     return [p for b, p in enumerate(paths) if b in writers]
+
+
+def _key_column(store, shard) -> pa.ChunkedArray:
+    """A stage shard's keys, for the buckets' bounds only: its key column alone, unverified (the rows are read
+    and verified when they are bucketed); a shard that cannot be read at all goes through _read, which says so."""
+    try:
+        return pq.read_table(store.out / shard.rel, columns=["key"]).column("key")
+    except Exception:  # noqa: BLE001 - _read quarantines a damaged shard and raises StoreError
+        return store._read(shard).column("key")
 
 
 def _bucket_blobs(paths: list[Path]) -> Iterator[list[str]]:
@@ -252,10 +264,10 @@ class _Scan:
         present = [f for f in self.fields if f in table.column_names]  # a column: some row has the field
         self.seen_fields.update(present)
         columns = [table.column(f).to_pylist() for f in present]
-        texts = ["\n".join(v for v in values if v is not None) for values in zip(*columns)] if columns \
+        texts = [normalize("\n".join(v for v in values if v is not None)) for values in zip(*columns)] if columns \
             else [""] * table.num_rows
         keys = table.column("key").to_pylist()
-        removals = self.filters(list(zip(keys, texts)))
+        removals = self.filters(list(zip(keys, texts)), normalized=True)
         gone = {r.key for r in removals}
         self.removals += removals
         if gone:
@@ -273,8 +285,8 @@ class _Scan:
         self.input_rows += len(rows)
         self.first_fields = self.first_fields or list(rows[0])
         self.seen_fields.update(f for f in self.fields if f not in self.seen_fields and any(f in r for r in rows))
-        texts = [row_text(r, self.fields) for r in rows]
-        removals = self.filters(list(zip((r["key"] for r in rows), texts)))
+        texts = [normalize(row_text(r, self.fields)) for r in rows]
+        removals = self.filters(list(zip((r["key"] for r in rows), texts)), normalized=True)
         gone = {r.key for r in removals}
         self.removals += removals
         self.removed_rows.update((r["key"], r) for r in rows if r["key"] in gone)

@@ -20,7 +20,7 @@ import pyarrow.json as pj
 import pyarrow.parquet as pq
 
 import engine.store.runs as runs
-from engine.store.index import KeyIndex
+from engine.store.index import KeyIndex, key_hashes
 from engine.store.files import atomic_write, check_kill_spec, fsync_dir, json_bytes, kill_point, now, parquet_bytes
 from engine.store.runs import StoreError
 
@@ -33,6 +33,7 @@ _KINDS = {"stages": ROW_SCHEMA, "rejects": REJECT_SCHEMA}  # shard directory -> 
 _SHARD = re.compile(r"^(?P<writer>[A-Za-z0-9_.]+)-(?P<seq>\d{6,})-(?P<sha>[0-9a-f]{16})\.parquet$")
 _WRITER = re.compile(r"^[A-Za-z0-9_.]+$")
 _STAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # never starts with "_": rejects/_quality is ours
+_ENCODE = json.JSONEncoder(ensure_ascii=False).encode  # json.dumps(row, ensure_ascii=False), its encoder made once
 # Column types that pyarrow's JSON reader infers exactly as pa.array() infers them from the parsed rows (it
 # would read a date-like string as a timestamp, and an int too large for int64 as a double).
 _PLAIN_TYPES = (pa.string(), pa.int64(), pa.bool_(), pa.null())
@@ -352,7 +353,7 @@ class ShardStore:
     @staticmethod
     def _dumps(stage: str, key: str, row: dict) -> str:
         try:
-            return json.dumps(row, ensure_ascii=False)
+            return _ENCODE(row)
         except (TypeError, ValueError) as e:
             raise TypeError(f"row {key} of stage {stage!r} is not JSON-serializable: {e}") from None
 
@@ -375,6 +376,47 @@ class ShardStore:
             return False
         self._queue(stage, row, reason, known_new=True)
         return True
+
+    def add_rows(self, stage: str, rows: list[dict], reasons: list[str | None]) -> list[bool]:
+        """add_new over a batch (reasons[i] None: row i is a row, else a reject with that reason): which rows were
+        queued. A key pending, committed or met earlier in the batch is not. The committed keys are looked up
+        for the whole batch at once (KeyIndex.holds), and nothing is queued if a key or reason is bad."""
+        if not _STAGE.match(stage):
+            raise ValueError(f"stage name must match {_STAGE.pattern}, got {stage!r}")
+        keys = [row.get("key") if isinstance(row, dict) else None for row in rows]
+        for row, key, reason in zip(rows, keys, reasons):
+            if not isinstance(key, str) or not key:
+                raise ValueError(f"a row must be a dict with a non-empty str 'key', got {str(row)[:80]}")
+            if reason is not None and (not isinstance(reason, str) or not reason):
+                raise ValueError(f"a reject needs a non-empty reason, got {reason!r}")
+        committed = self._committed(stage, keys)
+        pending = self._pending_keys.setdefault(stage, set())
+        queued_rows = self._pending_rows.setdefault(stage, [])
+        queued_rejects = self._pending_rejects.setdefault(stage, [])
+        queued = []
+        for row, key, reason, done in zip(rows, keys, reasons, committed):
+            if done or key in pending:
+                queued.append(False)
+                continue
+            blob = self._dumps(stage, key, row)
+            pending.add(key)
+            if reason is None:
+                queued_rows.append((key, blob))
+            else:
+                queued_rejects.append((key, reason, blob))
+            queued.append(True)
+        return queued
+
+    def _committed(self, stage: str, keys: list[str]) -> list[bool]:
+        """Whether each key is committed (a row or a reject) for `stage`, by any writer registered so far."""
+        indexes = [ix for ix in (self._row_keys.get(stage), self._reject_keys.get(stage)) if ix is not None]
+        if not indexes:
+            return [False] * len(keys)
+        hashes = key_hashes(keys)
+        found = indexes[0].holds(hashes)
+        for index in indexes[1:]:
+            found |= index.holds(hashes)
+        return found.tolist()
 
     def _queue(self, stage: str, row: dict, reason: str | None, known_new: bool = False) -> None:
         if reason is not None and (not isinstance(reason, str) or not reason):

@@ -67,10 +67,10 @@ def fmt_num(x) -> str:
 
 
 def fmt_fixed(x, places: int) -> str:
-    """A decimal variable shown with its step's places: (5/2, 2) -> '2.50'."""
-    q = Fraction(x) * 10**places
-    n = q.numerator // q.denominator
+    """A decimal variable shown with its step's places: (5/2, 2) -> '2.50' (digits past `places` dropped,
+    rounding toward minus infinity)."""
     s = 10**places
+    n = x * s if type(x) is int else x.numerator * s // x.denominator  # no Fraction built: ~2 us a call less
     return ("-" if n < 0 else "") + f"{abs(n) // s}.{abs(n) % s:0{places}d}"
 
 

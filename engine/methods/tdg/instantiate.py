@@ -34,6 +34,9 @@ class TemplateSpec:
     flags: dict = field(default_factory=dict)  # {"verified": bool, "sandbox": bool, "k": int}
 
 
+_VARIABLES_JSON = json.JSONEncoder(sort_keys=True).encode  # json.dumps(.., sort_keys=True), made once
+
+
 def instance_key(seed: int, template_id: str, problem_id: int) -> bytes:
     """The bytes that determine one problem: b'0:tdg-0123456789ab:17'."""
     return f"{seed}:{template_id}:{problem_id}".encode()
@@ -57,7 +60,7 @@ def make_row(ct: CompiledTemplate, seed: int, problem_id: int, flags: dict | Non
             "problem_id": problem_id,
             # JSON text: every template has its own variable names, and one shared column type keeps
             # the published parquet a flat table instead of a struct of every name ever seen.
-            "variables": json.dumps(variables, sort_keys=True), "skill": chk.template.skill, "seed": seed,
+            "variables": _VARIABLES_JSON(variables), "skill": chk.template.skill, "seed": seed,
             "draws": attempt + 1, "verified": bool(flags.get("verified", False)),
             "sandbox_verified": bool(flags.get("sandbox", False))}
 

@@ -20,6 +20,7 @@ The verifier (verify.py) is the same as for one-request templates: its rules do 
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -202,9 +203,11 @@ def assemble(skill: str, variables: list[dict], text: dict) -> dict:
 
 
 # -------------------------------------------------------------------------------------------- few-shot
-def two_phase_examples() -> list[dict]:
+@functools.lru_cache(maxsize=1)
+def two_phase_examples() -> tuple[dict, ...]:
     """Seed templates written in this form (integer and word variables, steps renamed step1..., expressions
-    in the constrained language): (skill, variables as (min, count, step), text) for the prompts' examples."""
+    in the constrained language): (skill, variables as (min, count, step), text) for the prompts' examples.
+    Made once per process (each is checked against its schema: ~0.5 s); callers only read them."""
     out = []
     for line in (DATA_DIR / "seed_templates.jsonl").read_text().splitlines():
         if not line.strip():
@@ -213,7 +216,7 @@ def two_phase_examples() -> list[dict]:
         converted = _converted(seed)
         if converted is not None:
             out.append(converted)
-    return out
+    return tuple(out)
 
 
 def _converted(seed: dict) -> dict | None:
