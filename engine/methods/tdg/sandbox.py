@@ -136,7 +136,7 @@ class SandboxResult:
 
 
 def _decode(kind: str, text: str) -> SandboxResult:
-    """One line of the child's, past its index: "int 42", "float 0.5", "frac 1/3" or "error <JSON string>"."""
+    """One line of the child's past its index: "int 42", "float 0.5", "frac 1/3", "error <text, unicode_escape'd>"."""
     if kind == "int":
         return SandboxResult(True, int(text))
     if kind == "float":
