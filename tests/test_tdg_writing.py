@@ -20,7 +20,7 @@ GOOD_TEXT = {"problem": "{name} buys a coat for ${price} with {off}% off. How ma
              "constraints": ["price * off % 100 == 0"],
              "steps": [{"name": "step1", "expr": "price * off / 100", "text": "The discount is ${step1}."},
                        {"name": "step2", "expr": "price - step1", "text": "{name} pays ${step2}."}],
-             "answer": {"expr": "step2", "type": "integer", "places": 0}}
+             "answer": {"type": "integer", "places": 0}}
 
 
 def _valid(schema: dict, value: dict) -> bool:
@@ -48,13 +48,33 @@ def test_the_text_schema_admits_a_good_text_and_it_verifies():
     (lambda t: t["steps"][0].update(expr="step2 + 1"), "a step used before it is computed"),
     (lambda t: t["steps"][0].update(name="discount"), "a step name of its own"),
     (lambda t: t["steps"][1].update(text="{name} pays {total}."), "an undeclared placeholder in a step"),
-    (lambda t: t["answer"].update(expr="price - step1"), "an answer that is not a step"),
+    (lambda t: t["answer"].update(expr="step2"), "an answer that names a step (it is the last one)"),
     (lambda t: t["steps"][0].update(expr="name * 2"), "a word variable in arithmetic"),
 ])
 def test_the_text_schema_refuses_what_the_verifier_would(change, why):
     text = json.loads(json.dumps(GOOD_TEXT))
     change(text)
     assert not _valid(writing.text_schema(VARIABLES), text), why
+
+
+def test_the_answer_is_the_last_step_written_and_a_rejected_draft_keeps_its_skill():
+    """The text names no answer step: the answer is the last step written, so it cannot name a step that was
+    never written (measured before: 'unknown name step2' where one step was written). And a draft the verifier
+    rejects keeps the variables request's skill, so its revision is not rejected for a null skill."""
+    from engine.methods import tdg
+    one_step = json.loads(json.dumps(GOOD_TEXT))
+    one_step["steps"] = [{"name": "step1", "expr": "price - price * off / 100", "text": "{name} pays ${step1}."}]
+    assert _valid(writing.text_schema(VARIABLES), one_step)
+    template = writing.assemble("discount", VARIABLES, one_step)
+    assert template["answer"] == {"expr": "step1", "type": "integer", "places": 0}
+    assert verify_template(template, k=8).accepted
+    assert writing.assemble("discount", VARIABLES, GOOD_TEXT)["answer"]["expr"] == "step2"
+    for change, reason in ((lambda t: t.update(constraints=["price > off * 100"]), "unsatisfiable_constraints"),
+                           (lambda t: t["steps"][0].update(expr="price * rate"), "unknown_name")):
+        text = json.loads(json.dumps(one_step))
+        change(text)
+        row = tdg._verified(tdg.Config(topics=[]), {"skill": "discount", "variables": VARIABLES}, text)
+        assert (row["accepted"], row["reason"], row["skill"]) == (False, reason, "discount")
 
 
 def test_ranges_are_consistent_by_construction():

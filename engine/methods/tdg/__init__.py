@@ -235,7 +235,9 @@ def _verified(config: Config, meta: dict, text: dict) -> dict:
     from engine.methods.tdg.writing import assemble
     template = assemble(meta["skill"], meta["variables"], text)
     v = verify_template(template, k=config.verify_instances, seed=config.seed, sandbox=config.sandbox)
-    out = {**v.to_row(), "text": text}
+    # the skill is the variables request's: a rejected template's verdict row has none, and a revision assembled
+    # from it would be rejected again for a null skill (measured: the only 'schema' rejects of two-phase writing)
+    out = {**v.to_row(), "text": text, "skill": meta["skill"]}
     if v.accepted and v.compiled is not None:
         instance = make_row(v.compiled, config.seed, 0)
         out["instance"] = {"problem": instance["problem"], "result": instance["result"]} if instance else None

@@ -10,7 +10,8 @@ does that work, so those rejects cannot happen:
      of the declared variables and must hold each of them (in their declared order) and end with a question
      mark; the steps are step1, step2, ... (prefixItems), each an expression over the variables and the earlier
      steps, in a regular language of numbers, names, + - * / % and one level of parentheses; its explanation may
-     name the variables and the steps up to itself; the answer is one of the steps.
+     name the variables and the steps up to itself; the answer is the last step (its type and places are
+     written, not its name: a named answer could be a step that was never written, an unknown name).
   3. Critique and revise (the paper's revision round).  The model sees the draft with one instance of it (a
      problem and the answer our verifier computed) or, when the draft was rejected, the verifier's reason; it
      judges the draft (correct / wrong) and writes the text again under the same schema. The revision is
@@ -148,9 +149,9 @@ def text_schema(variables: list[dict]) -> dict:
             "steps": {"type": "array", "minItems": 1, "maxItems": MAX_STEPS, "prefixItems": prefix,
                       "items": False},
             "answer": {"type": "object",
-                       "properties": {"expr": {"enum": steps}, "type": {"enum": ["integer", "decimal", "fraction"]},
+                       "properties": {"type": {"enum": ["integer", "decimal", "fraction"]},
                                       "places": {"type": "integer", "minimum": 0, "maximum": 2}},
-                       "required": ["expr", "type", "places"], "additionalProperties": False},
+                       "required": ["type", "places"], "additionalProperties": False},
         },
         "required": ["problem", "constraints", "steps", "answer"],
         "additionalProperties": False,
@@ -195,11 +196,13 @@ def check_variables(parsed: dict) -> tuple[list[dict], str | None]:
 
 
 def assemble(skill: str, variables: list[dict], text: dict) -> dict:
-    """The meta-template of variables (request 1) and text (request 2): the form the verifier checks."""
+    """The meta-template of variables (request 1) and text (request 2): the form the verifier checks. The
+    answer is the last step."""
+    steps = [{"name": s["name"], "expr": s["expr"], "text": s["text"]} for s in text["steps"]]
     return {"skill": skill, "variables": variables, "constraints": list(text["constraints"]),
-            "problem": text["problem"],
-            "steps": [{"name": s["name"], "expr": s["expr"], "text": s["text"]} for s in text["steps"]],
-            "answer": dict(text["answer"])}
+            "problem": text["problem"], "steps": steps,
+            "answer": {"expr": steps[-1]["name"] if steps else "", "type": text["answer"]["type"],
+                       "places": text["answer"]["places"]}}
 
 
 # -------------------------------------------------------------------------------------------- few-shot
@@ -220,7 +223,8 @@ def two_phase_examples() -> tuple[dict, ...]:
 
 
 def _converted(seed: dict) -> dict | None:
-    if any(v["type"] == "decimal" for v in seed["variables"]) or len(seed["steps"]) > MAX_STEPS:
+    if any(v["type"] == "decimal" for v in seed["variables"]) or len(seed["steps"]) > MAX_STEPS \
+            or seed["answer"]["expr"] != seed["steps"][-1]["name"]:  # the answer must be the last step
         return None
     renames = {s["name"]: f"step{i}" for i, s in enumerate(seed["steps"], 1)}
     rename = lambda text: re.sub(r"\b(" + "|".join(map(re.escape, renames)) + r")\b",  # noqa: E731
@@ -233,7 +237,7 @@ def _converted(seed: dict) -> dict | None:
     text = {"problem": seed["problem"], "constraints": seed["constraints"],
             "steps": [{"name": renames[s["name"]], "expr": rename(s["expr"]), "text": rename(s["text"])}
                       for s in seed["steps"]],
-            "answer": {**seed["answer"], "expr": renames.get(seed["answer"]["expr"], seed["answer"]["expr"])}}
+            "answer": {"type": seed["answer"]["type"], "places": seed["answer"]["places"]}}
     schema = text_schema(as_ranges(variables))
     if not _matches(schema, text):
         return None
