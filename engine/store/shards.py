@@ -62,6 +62,24 @@ def rows_table(blobs: list[str], schema: pa.Schema | None = None) -> pa.Table | 
     return table.combine_chunks()
 
 
+def _check_stage(stage: str) -> None:
+    if not _STAGE.match(stage):
+        raise ValueError(f"stage name must match {_STAGE.pattern}, got {stage!r}")
+
+
+def _row_key(row: dict) -> str:
+    """The row's key; ValueError unless the row is a dict with a non-empty str "key"."""
+    key = row.get("key") if isinstance(row, dict) else None
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"a row must be a dict with a non-empty str 'key', got {str(row)[:80]}")
+    return key
+
+
+def _check_reason(reason: str) -> None:
+    if not isinstance(reason, str) or not reason:
+        raise ValueError(f"a reject needs a non-empty reason, got {reason!r}")
+
+
 def _reason_kind(reason: str) -> str:
     """Rejects are counted by the part of the reason before ':' ("invalid_json: Expecting ..." -> "invalid_json")."""
     return reason.split(":", 1)[0].strip() or reason
@@ -339,11 +357,8 @@ class ShardStore:
             yield table
 
     def _check_new_key(self, stage: str, row: dict, known_new: bool = False) -> str:
-        if not _STAGE.match(stage):
-            raise ValueError(f"stage name must match {_STAGE.pattern}, got {stage!r}")
-        key = row.get("key") if isinstance(row, dict) else None
-        if not isinstance(key, str) or not key:
-            raise ValueError(f"a row must be a dict with a non-empty str 'key', got {str(row)[:80]}")
+        _check_stage(stage)
+        key = _row_key(row)
         if not known_new and self.key_state(stage, key) is not None:
             raise ValueError(f"key {key} is already committed or pending in stage {stage!r}; "
                              "skip done_keys() before generating")
@@ -363,8 +378,7 @@ class ShardStore:
 
     def reject(self, stage: str, row: dict, reason: str) -> None:
         """Queue a rejected row with its reason ("truncated", "invalid_json: ...") for the next commit."""
-        if not isinstance(reason, str) or not reason:  # None too: _queue would take it for a row
-            raise ValueError(f"a reject needs a non-empty reason, got {reason!r}")
+        _check_reason(reason)  # None too: _queue would take it for a row
         self._queue(stage, row, reason)
 
     def add_new(self, stage: str, row: dict, reason: str | None = None) -> bool:
@@ -381,14 +395,11 @@ class ShardStore:
         """add_new over a batch (reasons[i] None: row i is a row, else a reject with that reason): which rows were
         queued. A key pending, committed or met earlier in the batch is not. The committed keys are looked up
         for the whole batch at once (KeyIndex.holds), and nothing is queued if a key or reason is bad."""
-        if not _STAGE.match(stage):
-            raise ValueError(f"stage name must match {_STAGE.pattern}, got {stage!r}")
-        keys = [row.get("key") if isinstance(row, dict) else None for row in rows]
-        for row, key, reason in zip(rows, keys, reasons):
-            if not isinstance(key, str) or not key:
-                raise ValueError(f"a row must be a dict with a non-empty str 'key', got {str(row)[:80]}")
-            if reason is not None and (not isinstance(reason, str) or not reason):
-                raise ValueError(f"a reject needs a non-empty reason, got {reason!r}")
+        _check_stage(stage)
+        keys = [_row_key(row) for row in rows]
+        for reason in reasons:
+            if reason is not None:
+                _check_reason(reason)
         committed = self._committed(stage, keys)
         pending = self._pending_keys.setdefault(stage, set())
         queued_rows = self._pending_rows.setdefault(stage, [])
@@ -419,8 +430,8 @@ class ShardStore:
         return found.tolist()
 
     def _queue(self, stage: str, row: dict, reason: str | None, known_new: bool = False) -> None:
-        if reason is not None and (not isinstance(reason, str) or not reason):
-            raise ValueError(f"a reject needs a non-empty reason, got {reason!r}")
+        if reason is not None:
+            _check_reason(reason)
         blob = self._dumps(stage, str(row.get("key")) if isinstance(row, dict) else "?", row)
         key = self._check_new_key(stage, row, known_new)
         if reason is None:
