@@ -18,7 +18,7 @@ from engine.backends.base import Backend
 from engine.methods import Context, glan
 from engine.quality import QualityConfig
 from engine.store import RunStore
-from tests.conftest import ROOT, committed_keys, run_replica_threads, sdg
+from tests.conftest import GLAN_BUDGETS, ROOT, committed_keys, run_replica_threads, sdg
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -330,15 +330,8 @@ def small_config(tmp_path: Path, model_dir: Path, answer_model: Path | None = No
     (tmp_path / "taxonomy.yaml").write_text(TAXONOMY)
     return glan.Config(
         taxonomy_file=tmp_path / "taxonomy.yaml", subject_samples=2, subjects_per_discipline=1, num_rows=4,
-        levels=["undergraduate"], subjects_per_level=2, max_sessions=4,
-        # 6 tries an item: on another machine (other float rounding, so other samples) the 135M model's syllabi were
-        # cut at max_tokens or repeated a concept in every try of a subject ("no syllabus was accepted", at d2bfc0e
-        # too); a try keeps its seed, so what passed before is unchanged
-        attempts=6, max_rounds=8, answer_model=str(answer_model or model_dir),  # the run's model: its engine answers
-        subject_sampling={"max_tokens": 256, "temperature": 0.8},
-        syllabus_sampling={"max_tokens": 300, "temperature": 0.7},
-        question_sampling={"max_tokens": 160, "temperature": 0.8},
-        answer_sampling={"max_tokens": 300, "temperature": 0.3})
+        levels=["undergraduate"], subjects_per_level=2, max_sessions=4, **GLAN_BUDGETS,
+        answer_model=str(answer_model or model_dir))  # the run's model: its engine answers
 
 
 def _payload(config: glan.Config) -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, sdg
+from conftest import GLAN_BUDGETS, ROOT, sdg
 from engine.config import RunConfig
 from engine.pipeline.run import run_method
 
@@ -41,11 +41,7 @@ def glan_config(tmp: Path) -> RunConfig:
     return RunConfig(method="glan", seed=0, store={"commit_rows": 50, "commit_seconds": 1},
                      params={"taxonomy_file": str(taxonomy), "subject_samples": 1, "subjects_per_discipline": 1,
                              "levels": ["undergraduate"], "subjects_per_level": 2, "max_sessions": 4,
-                             "num_rows": 4, "attempts": 4, "max_rounds": 3,
-                             "subject_sampling": {"max_tokens": 256, "temperature": 0.8},
-                             "syllabus_sampling": {"max_tokens": 512, "temperature": 0.7},
-                             "question_sampling": {"max_tokens": 160, "temperature": 0.8},
-                             "answer_sampling": {"max_tokens": 200, "temperature": 0.3}})
+                             "num_rows": 4, **GLAN_BUDGETS})
 
 
 def _listing(out: Path) -> dict[str, tuple[int, int]]:

