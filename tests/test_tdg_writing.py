@@ -83,11 +83,34 @@ def test_ranges_are_consistent_by_construction():
     assert _valid(writing.variables_schema(), parsed)
     variables, reason = writing.check_variables(parsed)
     assert reason is None and variables[1] == {"name": "n", "type": "integer", "min": 7, "max": 19, "step": 3}
-    for bad, code in ((["n", "n"], "duplicate_name"), (["max", "n"], "reserved_name")):
-        vs = [{"name": x, "type": "integer", "min": 1, "count": 3, "step": 1} for x in bad]
-        assert writing.check_variables({"skill": "s", "variables": vs})[1] == code
+    vs = [{"name": x, "type": "integer", "min": 1, "count": 3, "step": 1} for x in ("n", "n")]
+    assert writing.check_variables({"skill": "s", "variables": vs})[1] == "duplicate_name"
     assert not _valid(writing.variables_schema(), {"skill": "s", "variables": [
         {"name": "n", "type": "integer", "min": 1, "max": 9, "step": 2}, parsed["variables"][0]]})  # no max
+
+
+def test_a_name_the_verifier_reserves_is_renamed_not_rejected():
+    """The demo's model named a variable `range`; the verifier refuses Python's builtins as names, so that
+    template was a schema reject. Every reserved name the variables schema allows is now renamed, and the
+    template verifies."""
+    allowed = re.compile(writing.variables_schema()["properties"]["variables"]["items"]["anyOf"][0]
+                         ["properties"]["name"]["pattern"])
+    reserved = sorted(n for n in writing.RESERVED if allowed.fullmatch(n))
+    assert {"range", "sum", "max", "len", "result", "and"} <= set(reserved)
+    for name in reserved:
+        parsed = {"skill": "discount", "variables": [
+            {"name": name, "type": "integer", "min": 2, "count": 9, "step": 1},
+            {"name": "price", "type": "integer", "min": 20, "count": 20, "step": 5}]}
+        variables, reason = writing.check_variables(parsed)
+        new = variables[0]["name"]
+        assert reason is None and new == f"{name}_" and new not in writing.RESERVED
+        text = {"problem": f"Ann buys {{{new}}} shirts at ${{price}} each. What is the total?",
+                "steps": [{"name": "step1", "expr": f"{new} * price", "text": "The total is ${step1}."}],
+                "constraints": [],
+                "answer": {"type": "integer", "places": 0}}
+        assert _valid(writing.text_schema(variables), text), name
+        verdict = verify_template(writing.assemble("discount", variables, text), k=4)
+        assert verdict.accepted, (name, verdict.reason, verdict.details)
 
 
 def test_seed_examples_in_the_two_phase_form_verify():

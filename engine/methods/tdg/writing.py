@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import functools
 import json
+import keyword
 import re
 from pathlib import Path
 from typing import Any, Iterable
 
+from engine.methods.tdg import template
 from engine.methods.tdg.template import DATA_DIR, word_lists
 
 GRAMMARS = Path(__file__).resolve().parents[3] / "grammars" / "tdg"
@@ -34,9 +36,10 @@ VARIABLES_SCHEMA = GRAMMARS / "variables.schema.json"
 MAX_STEPS = 4
 SEGMENT = 70  # most characters between two placeholders of a problem text: 5 variables stay under the
 # verifier's 1,000 characters (a GSM8K problem is ~200 in all)
-RESERVED = {"and", "or", "not", "in", "is", "if", "else", "min", "max", "abs", "round", "floor", "ceil", "gcd",
-            "lcm", "sqrt", "true", "false", "none", "result", "solution", "math"}
-"""Names the expression language or the compiled code already use: a variable named so is a reject."""
+RESERVED = frozenset(keyword.kwlist) | template.RESERVED | {"true", "false", "none"}
+"""Names the verifier refuses for a variable (keywords, the expression functions, Python's builtins, the names
+solution_code defines): the verifier's own set, so a name passed here is never its schema reject. A variable
+the model names so (`range`, `sum`, `max`) is renamed, not rejected (`rename_reserved`)."""
 NUMBER = r"[1-9][0-9]{0,3}"  # no zero literal: no division or modulo by a literal zero
 
 
@@ -181,15 +184,19 @@ def as_ranges(variables: list[dict]) -> list[dict]:
              "step": v["step"]} if v["type"] == "integer" else v for v in variables]
 
 
+def rename_reserved(name: str) -> str:
+    """`name`, or `name_` when the verifier reserves it: the schema's names are lowercase letters only, so the
+    underscore can clash with no other variable, and the second request's schema enumerates the new name."""
+    return f"{name}_" if name in RESERVED else name
+
+
 def check_variables(parsed: dict) -> tuple[list[dict], str | None]:
-    """The first request's variables with integer ranges as (min, max, step); a reason when unusable (two
-    variables with one name, or a name the expressions reserve)."""
-    variables = as_ranges(parsed["variables"])
+    """The first request's variables with integer ranges as (min, max, step) and reserved names renamed; a
+    reason when unusable (two variables with one name, or no number)."""
+    variables = [{**v, "name": rename_reserved(v["name"])} for v in as_ranges(parsed["variables"])]
     names = [v["name"] for v in variables]
     if len(set(names)) != len(names):
         return variables, "duplicate_name"
-    if set(names) & RESERVED:
-        return variables, "reserved_name"
     if all(v["type"] == "choice" for v in variables):
         return variables, "no_number"
     return variables, None
