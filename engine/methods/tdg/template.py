@@ -46,9 +46,9 @@ MAX_VALUES_PER_VARIABLE = 10**6
 """Most distinct values one numeric variable may take."""
 MAX_DECIMAL_PLACES = 4
 """Finest decimal step: 0.0001."""
-RESERVED = frozenset(X.FUNCTIONS) | frozenset(dir(builtins)) | {"math", "result", "solution", "fraction",
-                                                                  "round_half_up"}
-"""Names a variable or step may not take (they would shadow something in solution_code)."""
+RESERVED = (frozenset(X.FUNCTIONS) | frozenset(dir(builtins)) | frozenset(keyword.kwlist)
+            | {"math", "result", "solution", "fraction", "round_half_up"})
+"""Names a variable or step may not take (keywords, or they would shadow something in solution_code)."""
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 
 
@@ -267,7 +267,7 @@ def check_template(raw: dict | str | Template, *, source: str = "model") -> Chec
     numeric: list[NumVar] = []
     wordvars: list[WordVar] = []
     for v in tpl.variables:
-        if not X.NAME_RE.fullmatch(v.name) or keyword.iskeyword(v.name) or v.name in RESERVED:
+        if not X.NAME_RE.fullmatch(v.name) or v.name in RESERVED:
             raise TemplateError("schema", f"variable name {v.name!r} not allowed")
         if isinstance(v, ChoiceVar):
             if v.list not in lists:
@@ -301,7 +301,7 @@ def check_template(raw: dict | str | Template, *, source: str = "model") -> Chec
     known = set(num_names)
     steps = []
     for i, s in enumerate(tpl.steps):
-        if not X.NAME_RE.fullmatch(s.name) or keyword.iskeyword(s.name) or s.name in RESERVED:
+        if not X.NAME_RE.fullmatch(s.name) or s.name in RESERVED:
             raise TemplateError("schema", f"step name {s.name!r} not allowed")
         if s.name in known or s.name in word_names:
             raise TemplateError("schema", f"step {i}: name {s.name!r} already used")

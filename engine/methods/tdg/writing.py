@@ -23,23 +23,22 @@ from __future__ import annotations
 
 import functools
 import json
-import keyword
 import re
 from pathlib import Path
 from typing import Any, Iterable
 
-from engine.methods.tdg import template
-from engine.methods.tdg.template import DATA_DIR, word_lists
+from engine.methods.tdg.template import DATA_DIR, RESERVED as VERIFIER_RESERVED, word_lists
 
 GRAMMARS = Path(__file__).resolve().parents[3] / "grammars" / "tdg"
 VARIABLES_SCHEMA = GRAMMARS / "variables.schema.json"
 MAX_STEPS = 4
 SEGMENT = 70  # most characters between two placeholders of a problem text: 5 variables stay under the
 # verifier's 1,000 characters (a GSM8K problem is ~200 in all)
-RESERVED = frozenset(keyword.kwlist) | template.RESERVED | {"true", "false", "none"}
-"""Names the verifier refuses for a variable (keywords, the expression functions, Python's builtins, the names
-solution_code defines): the verifier's own set, so a name passed here is never its schema reject. A variable
-the model names so (`range`, `sum`, `max`) is renamed, not rejected (`rename_reserved`)."""
+RESERVED = VERIFIER_RESERVED | {"true", "false", "none"}
+"""The names the verifier refuses for a variable (its own set: keywords, the expression functions, Python's
+builtins, the names solution_code defines), so a name passed here is never its schema reject; and, as the
+writing always reserved them, true/false/none, which read as constants. A variable the model names so
+(`range`, `sum`, `max`) is renamed, not rejected (`rename_reserved`)."""
 NUMBER = r"[1-9][0-9]{0,3}"  # no zero literal: no division or modulo by a literal zero
 
 
