@@ -19,12 +19,11 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-DISCIPLINES = [dict(field="Natural Sciences", subfield="Physics", discipline="Classical Mechanics"),
-               dict(field="Humanities", subfield="Philosophy", discipline="Ethics")]
+TAXONOMY = "Natural Sciences:\n  Physics: [Classical Mechanics]\nHumanities:\n  Philosophy: [Ethics]\n"  # the tests'
 
 
-def tally(name: str, requests: list, results: list, parse) -> list[dict]:
-    """Print the stage's reasons and return its accepted rows."""
+def tally(name: str, requests: list, results: list, parse) -> list[tuple]:
+    """Print the stage's reasons and return its accepted (request, result, row)s."""
     reasons, kept = collections.Counter(), []
     for request, result in zip(requests, results):
         row, reason = parse(request, result)
@@ -51,19 +50,17 @@ def main() -> None:
                "syllabus_sampling": {**GLAN_BUDGETS["syllabus_sampling"], "max_tokens": args.syllabus_tokens},
                "answer_sampling": {**GLAN_BUDGETS["answer_sampling"], "max_tokens": args.answer_tokens}}
     tmp = Path(tempfile.mkdtemp())
-    (tmp / "taxonomy.yaml").write_text("Natural Sciences:\n  Physics: [Classical Mechanics]\n"
-                                       "Humanities:\n  Philosophy: [Ethics]\n")
+    (tmp / "taxonomy.yaml").write_text(TAXONOMY)
     config = glan.Config(taxonomy_file=tmp / "taxonomy.yaml", levels=["undergraduate"], subjects_per_level=2,
                          max_sessions=args.max_sessions, **budgets)
     model = str(models.prepare())  # the embedded model
     backend = load_backend("vllm", model, grammar_backend="guidance", max_num_seqs=64)
     try:
         t = time.perf_counter()
-        requests = [glan.json_request("m", "subjects", "glan/subjects.jinja", glan.SCHEMAS["subjects"],
-                                      config.subject_sampling, 1000 + k,
-                                      meta={**d, "level": "undergraduate", "sample": k}, level="undergraduate",
-                                      n=config.subjects_per_level, **d)
-                    for d in DISCIPLINES for k in range(args.n)]
+        disciplines = [{"field": d.field, "subfield": d.subfield, "discipline": d.name}  # as stage taxonomy's rows
+                       for d in glan.load_taxonomy(tmp / "taxonomy.yaml")]
+        requests = [glan.subjects_request(config, "m", (d, "undergraduate", k), 1000 + k)
+                    for d in disciplines for k in range(args.n)]
         kept = tally("subjects", requests, backend.generate_all(requests), glan.subjects_row)
         subjects = {}
         for request, result, row in kept:
